@@ -1,0 +1,103 @@
+"""Generated Triton kernels for fused norm + elementwise regions.
+
+    fast = optimize(model, x, lower="triton")     # or lower_to_triton(gm, report) on a canonical graph
+
+Every row-wise norm (LayerNorm, RMSNorm, DyT, eval BatchNorm left unfolded) is grown into a
+region over its elementwise neighbours (`regions`), described as plain data (`ir`), and replaced
+in the graph by one call of `torch.ops.fxrewrite.fused_region(spec, inputs)` whose outputs are
+the region's values read outside it. At run time the op emits Triton source for the region
+(`emit`), caches, compiles and launches it (`runtime`); on CPU without TRITON_INTERPRET=1 it runs
+the region's eager reference (`reference`), which also defines the backward.
+
+Exactness: "rounding". The fused kernel computes in float32 (float64 for float64 regions) and
+rounds each node to its dtype where eager does, but its reductions sum in a different order and
+it keeps norm intermediates unrounded, so results match eager up to floating-point rounding, not
+bitwise. Modules: `regions` (FX only, no triton), `ir`, `emit`, `runtime`, `reference`.
+"""
+from __future__ import annotations
+
+import operator
+
+import torch.fx as fx
+
+from rewrite.report import Report
+
+from .ir import dumps, spec_hash
+from .regions import NotFusable, Region, describe_norm, find_regions, grow
+
+PASS_NAME = "lower_triton"
+
+__all__ = ["lower_to_triton", "find_regions", "Region", "fused_region_op"]
+
+
+def fused_region_op():
+    """The `fxrewrite::fused_region` op (importing the runtime registers it; no triton import)."""
+    from .runtime import OP
+    return OP
+
+
+def lower_to_triton(gm: fx.GraphModule, report: Report) -> list[Region]:
+    """Replace every fusable norm region of `gm` (in place) by one fused-region op call.
+
+    Each region is reported as rewrote (its ops and the kernel it becomes, with the spec's
+    structural hash); each norm that could not be fused as skipped, with the reason.
+    """
+    op = fused_region_op()
+    lowered = []
+    norm_nodes = [n for n in gm.graph.nodes if _is_norm(gm, n)]
+    for node in norm_nodes:
+        try:
+            d = describe_norm(gm, node)
+            region = grow(gm, node, d, claimed=set())
+        except NotFusable as e:
+            report.skip(PASS_NAME, node.name, f"not lowered: {e}")
+            continue
+        _replace(gm, region, op)
+        text = dumps(region.spec)
+        outs = ", ".join(o.name for o in region.outputs)
+        report.rewrote(PASS_NAME, node.name,
+                       f"{' -> '.join(f'{n.name}:{o}' for n, o in zip(region.nodes, region.ops))} => "
+                       f"fxrewrite.fused_region kernel _{region.name}_fwd_kernel [spec {spec_hash(text)}], "
+                       f"outputs {outs}")
+        lowered.append(region)
+    if not norm_nodes:
+        report.note(PASS_NAME, "graph", "no LayerNorm/RMSNorm/DyT/BatchNorm to lower")
+    gm.graph.lint()
+    gm.recompile()
+    return lowered
+
+
+def _is_norm(gm, node) -> bool:
+    try:
+        return describe_norm(gm, node) is not None
+    except NotFusable:
+        return True
+
+
+def _replace(gm: fx.GraphModule, region: Region, op):
+    graph = gm.graph
+    members = set(region.nodes)
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    node_inputs = [k[1] for k in region.input_keys if k[0] == "node"]
+    last = max((order[n] for n in node_inputs), default=-1)
+    anchor = min((n for n in region.nodes if order[n] > last), key=order.get)
+    with graph.inserting_before(anchor):
+        args = [key[1] if key[0] == "node" else graph.get_attr(key[1]) for key in region.input_keys]
+        call = graph.call_function(op, (dumps(region.spec), args))
+        call.meta["fused_region"] = {"ops": region.ops, "nodes": [n.name for n in region.nodes]}
+        if all("val" in o.meta for o in region.outputs):
+            call.meta["val"] = [o.meta["val"] for o in region.outputs]
+        getters = []
+        for i, out in enumerate(region.outputs):
+            g = graph.call_function(operator.getitem, (call, i))
+            for key in ("val", "tensor_meta", "stack_trace", "nn_module_stack"):
+                if key in out.meta:
+                    g.meta[key] = out.meta[key]
+            getters.append(g)
+    for out, g in zip(region.outputs, getters):
+        for user in list(out.users):
+            if user not in members:
+                user.replace_input_with(out, g)
+    for n in sorted(region.nodes, key=order.get, reverse=True):
+        graph.erase_node(n)
+    call._rename(f"fused_{region.norm.name}")

@@ -1,0 +1,410 @@
+"""Find fused norm + elementwise regions in a canonical FX graph (FX only: never imports triton).
+
+A region is grown around one row-wise norm:
+
+  * the norm: `ops.layer_norm`, `ops.rms_norm` (reduce over trailing dims), a `rewrite.nn.DyT`
+    call_module, or an eval `ops.batch_norm` left after folding (per-channel affine, no
+    reduction);
+  * a prologue, backwards from the norm's input: elementwise producers (residual add, bias add,
+    scale, cast, ...). Interior prologue nodes must have no reader outside the region; the norm's
+    direct input may have other readers, and then it becomes a second output of the region
+    (the updated residual stream of a pre-norm transformer);
+  * an epilogue, forwards from the norm's output: elementwise readers whose other operands are
+    computed independently of the region (activation, SmeLU, multiply, residual add, cast, ...).
+    A region node read outside the region is an output; at most `MAX_OUTPUTS` outputs (the
+    latest epilogue nodes are dropped until that holds).
+
+"Elementwise" is whatever `describe` can turn into an IR op of `ir.OPS` whose result has exactly
+the domain shape (the norm input's shape) and a floating dtype; other operands must broadcast to
+it. Region finding never changes the graph; `codegen.lower_to_triton` does, using the spec built
+here (`Region.spec`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from rewrite import ops
+from rewrite.canonicalize import tensor_shape
+from rewrite.nn import DyT, SmeLU
+
+from .ir import OPS, SpecBuilder, region_name
+
+aten = torch.ops.aten
+
+MAX_OUTPUTS = 2
+MAX_PROLOGUE = 8
+MAX_EPILOGUE = 16
+FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+class NotFusable(Exception):
+    """Why a node cannot be (part of) a region."""
+
+
+@dataclass
+class Operand:
+    """One argument of a region node: an FX node, a module tensor (`attr`), a literal or None."""
+
+    node: fx.Node | None = None
+    attr: str | None = None  # get_attr target to create (parameters of DyT/SmeLU modules)
+    literal: float | None = None
+    channel_view: int = 0
+    absent: bool = False
+
+
+@dataclass
+class Described:
+    op: str
+    operands: list[Operand]
+    attrs: dict
+
+
+@dataclass
+class Region:
+    norm: fx.Node
+    nodes: list[fx.Node]            # graph order
+    outputs: list[fx.Node]
+    spec: dict
+    input_keys: list                # per spec input: ("node", fx.Node) or ("attr", target)
+    name: str = ""
+    ops: list[str] = field(default_factory=list)
+
+
+def _attr_tensor(node: fx.Node):
+    if node.op != "get_attr":
+        return None
+    obj = node.graph.owning_module
+    for part in node.target.split("."):
+        obj = getattr(obj, part, None)
+    return obj if isinstance(obj, torch.Tensor) else None
+
+
+def dtype_of(node) -> torch.dtype | None:
+    """A node's dtype from shape propagation / export metadata, or from the tensor of a get_attr."""
+    if not isinstance(node, fx.Node):
+        return None
+    val = node.meta.get("val")
+    if isinstance(val, torch.Tensor):
+        return val.dtype
+    tm = node.meta.get("tensor_meta")
+    if tm is not None and hasattr(tm, "dtype"):
+        return tm.dtype
+    t = _attr_tensor(node)
+    return t.dtype if t is not None else None
+
+
+def shape_of(node):
+    s = tensor_shape(node)
+    if s is None and isinstance(node, fx.Node):
+        t = _attr_tensor(node)
+        s = tuple(t.shape) if t is not None else None
+    return s
+
+
+def _module(gm: fx.GraphModule, node: fx.Node):
+    try:
+        return gm.get_submodule(node.target)
+    except AttributeError:
+        return None
+
+
+def _is(mod, cls) -> bool:
+    """Our module class, or a subclass that keeps its forward (a new forward computes else)."""
+    return isinstance(mod, cls) and type(mod).forward is cls.forward
+
+
+def _tensor_or_literal(v) -> Operand:
+    if isinstance(v, fx.Node):
+        return Operand(node=v)
+    if v is None:
+        return Operand(absent=True)
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise NotFusable(f"operand {v!r} is neither a tensor nor a number")
+    if not float("-inf") < float(v) < float("inf"):
+        raise NotFusable(f"non-finite literal {v}")
+    return Operand(literal=float(v))
+
+
+_UNARY = {ops.relu: "relu", ops.silu: "silu", ops.sigmoid: "sigmoid", ops.tanh: "tanh",
+          ops.hardswish: "hardswish", ops.hardsigmoid: "hardsigmoid", aten.alias.default: "identity"}
+_BINARY = {ops.add: "add", ops.sub: "sub", ops.mul: "mul", ops.div: "div"}
+
+
+def describe(gm: fx.GraphModule, node: fx.Node) -> Described:
+    """The IR op for an elementwise node, or NotFusable with the reason."""
+    if node.op == "call_module":
+        mod = _module(gm, node)
+        if _is(mod, SmeLU) and len(node.args) == 1 and not node.kwargs:
+            return Described("smelu", [Operand(node=node.args[0]), Operand(attr=f"{node.target}.beta")], {})
+        raise NotFusable(f"module {type(mod).__name__} is not an elementwise op the emitter knows")
+    if node.op != "call_function":
+        raise NotFusable(f"{node.op} node")
+    t = node.target
+    if t in _UNARY:
+        return Described(_UNARY[t], [Operand(node=ops_arg(node, "self"))], {})
+    if t in _BINARY:
+        attrs = {}
+        if t in (ops.add, ops.sub):
+            alpha = ops.arg(node, "alpha")
+            if alpha not in (None, 1):
+                attrs["alpha"] = float(alpha)
+        return Described(_BINARY[t], [_tensor_or_literal(ops.arg(node, "self")),
+                                      _tensor_or_literal(ops.arg(node, "other"))], attrs)
+    if t is ops.gelu:
+        return Described("gelu", [Operand(node=ops_arg(node, "self"))], {"approximate": ops.arg(node, "approximate")})
+    if t is ops.relu6:
+        return Described("hardtanh", [Operand(node=ops_arg(node, "self"))],
+                         {"min": float(ops.arg(node, "min_val")), "max": float(ops.arg(node, "max_val"))})
+    if t is ops.to_dtype:
+        extra = {k: v for k, v in node.kwargs.items() if k not in ("dtype", "memory_format", "non_blocking")
+                 and v is not None}
+        dt = node.kwargs.get("dtype")
+        if extra or dt not in FLOATS:
+            raise NotFusable(f"_to_copy with {extra or dt}: only a float dtype change is fused")
+        return Described("cast", [Operand(node=ops_arg(node, "self"))], {"dtype": str(dt).replace("torch.", "")})
+    raise NotFusable(f"{ops.short_name(t)} is not an elementwise op the emitter knows")
+
+
+def ops_arg(node, name):
+    v = ops.arg(node, name)
+    if not isinstance(v, fx.Node):
+        raise NotFusable(f"{name} is not a tensor")
+    return v
+
+
+def describe_norm(gm: fx.GraphModule, node: fx.Node) -> Described | None:
+    """The IR op for a norm node; None if the node is no norm; NotFusable if it cannot be fused."""
+    if node.op == "call_module":
+        mod = _module(gm, node)
+        if not _is(mod, DyT):
+            return None
+        if len(node.args) != 1 or node.kwargs:
+            raise NotFusable("DyT called with extra arguments")
+        bias = Operand(attr=f"{node.target}.bias") if mod.bias is not None else Operand(absent=True)
+        return Described("dyt", [Operand(node=node.args[0]), Operand(attr=f"{node.target}.alpha"),
+                                 Operand(attr=f"{node.target}.weight"), bias], {})
+    if node.op != "call_function":
+        return None
+    if node.target is ops.layer_norm or node.target is ops.rms_norm:
+        x = ops_arg(node, "input")
+        shape, nshape = shape_of(x), list(ops.arg(node, "normalized_shape"))
+        if shape is None:
+            raise NotFusable("input shape unknown")
+        if list(shape[len(shape) - len(nshape):]) != nshape or not nshape:
+            raise NotFusable(f"normalized_shape {nshape} is not the trailing dims of {list(shape)}")
+        w = _tensor_or_literal(ops.arg(node, "weight"))
+        attrs = {"reduce_ndim": len(nshape)}
+        if node.target is ops.layer_norm:
+            attrs["eps"] = float(ops.arg(node, "eps"))
+            return Described("layer_norm", [Operand(node=x), w, _tensor_or_literal(ops.arg(node, "bias"))], attrs)
+        eps = ops.arg(node, "eps")
+        dt = dtype_of(x)
+        attrs["eps_arg"] = None if eps is None else float(eps)
+        attrs["eps"] = float(eps) if eps is not None else float(torch.finfo(
+            torch.float64 if dt == torch.float64 else torch.float32).eps)
+        return Described("rms_norm", [Operand(node=x), w], attrs)
+    if node.target is ops.batch_norm:
+        if ops.arg(node, "training") is not False:
+            raise NotFusable("batch_norm in training mode (it updates running statistics)")
+        x = ops_arg(node, "input")
+        shape = shape_of(x)
+        if shape is None or len(shape) < 2:
+            raise NotFusable("batch_norm input shape unknown or under 2-D")
+        cv = len(shape) - 2
+        params = []
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            v = ops.arg(node, name)
+            if v is None:
+                if name.startswith("running"):
+                    raise NotFusable("batch_norm without running statistics")
+                params.append(Operand(absent=True))
+            elif isinstance(v, fx.Node):
+                params.append(Operand(node=v, channel_view=cv))
+            else:
+                raise NotFusable(f"batch_norm {name} is not a tensor")
+        return Described("batch_norm", [Operand(node=x)] + params, {"eps": float(ops.arg(node, "eps"))})
+    return None
+
+
+# ---------------------------------------------------------------- growing a region
+
+class _Grower:
+    def __init__(self, gm: fx.GraphModule, claimed: set):
+        self.gm = gm
+        self.claimed = claimed
+        self.order = {n: i for i, n in enumerate(gm.graph.nodes)}
+
+    def fits(self, node: fx.Node, domain) -> Described | None:
+        """The description of `node` if it can join a region of shape `domain`."""
+        if node in self.claimed or not isinstance(node, fx.Node):
+            return None
+        try:
+            d = describe(self.gm, node)
+        except NotFusable:
+            return None
+        if shape_of(node) != domain or dtype_of(node) not in FLOATS:
+            return None
+        for o in d.operands:
+            if o.node is not None:
+                s = shape_of(o.node)
+                if s is None or dtype_of(o.node) not in FLOATS or not _broadcasts(s, domain):
+                    return None
+        return d
+
+    def depends_on(self, node: fx.Node, region: set, first: int) -> bool:
+        """Whether `node` is computed from a region node (then it cannot be an outside operand)."""
+        stack, seen = [node], set()
+        while stack:
+            n = stack.pop()
+            if n in region:
+                return True
+            if n in seen or self.order[n] < first:
+                continue
+            seen.add(n)
+            stack += list(n.all_input_nodes)
+        return False
+
+
+def _broadcasts(shape, domain) -> bool:
+    if len(shape) > len(domain):
+        return False
+    return all(s in (1, d) for s, d in zip(reversed(shape), reversed(domain)))
+
+
+def grow(gm: fx.GraphModule, norm: fx.Node, nd: Described, claimed: set) -> Region:
+    """The region around `norm` (raises NotFusable with the reason)."""
+    g = _Grower(gm, claimed)
+    x = nd.operands[0].node
+    domain = shape_of(x)
+    if domain is None or shape_of(norm) != domain:
+        raise NotFusable("shapes unknown (no shape propagation reached this norm)")
+    if dtype_of(x) not in FLOATS or dtype_of(norm) not in FLOATS:
+        raise NotFusable(f"dtype {dtype_of(x)} is not a float dtype the kernels handle")
+    if len(domain) == 0:
+        raise NotFusable("0-d input")
+    for o in nd.operands[1:]:
+        if o.node is not None and (shape_of(o.node) is None or dtype_of(o.node) not in FLOATS):
+            raise NotFusable(f"norm operand {o.node.name} has unknown shape or a non-float dtype")
+    described: dict[fx.Node, Described] = {norm: nd}
+    region = {norm}
+    # prologue, backwards
+    prologue: list[fx.Node] = []
+    stack = [x]
+    while stack and len(prologue) < MAX_PROLOGUE:
+        p = stack.pop()
+        if p in region:
+            continue
+        d = g.fits(p, domain)
+        if d is None:
+            continue
+        if p is not x and any(u not in region for u in p.users):
+            continue
+        region.add(p)
+        described[p] = d
+        prologue.append(p)
+        stack += [o.node for o in d.operands if o.node is not None]
+    first = min(g.order[n] for n in region)
+    # epilogue, forwards
+    epilogue: list[fx.Node] = []
+    frontier = sorted(norm.users, key=g.order.get)
+    while frontier and len(epilogue) < MAX_EPILOGUE:
+        c = frontier.pop(0)
+        if c in region:
+            continue
+        d = g.fits(c, domain)
+        if d is None:
+            continue
+        if any(o.node is not None and o.node not in region and g.depends_on(o.node, region, first)
+               for o in d.operands):
+            continue
+        region.add(c)
+        described[c] = d
+        epilogue.append(c)
+        frontier = sorted(set(frontier) | set(c.users), key=g.order.get)
+
+    def outputs_of(nodes):
+        return [n for n in sorted(nodes, key=g.order.get) if any(u not in nodes for u in n.users)]
+
+    def valid(nodes) -> bool:
+        outs = outputs_of(nodes)
+        if not outs or len(outs) > MAX_OUTPUTS:
+            return False
+        ext = [o.node for n in nodes for o in described[n].operands if o.node is not None and o.node not in nodes]
+        last_input = max((g.order[e] for e in ext), default=-1)
+        anchor = min((g.order[n] for n in nodes if g.order[n] > last_input), default=None)
+        if anchor is None:
+            return False
+        return all(g.order[u] >= anchor for o in outs for u in o.users if u not in nodes)
+
+    while not valid(region) and epilogue:
+        region.discard(epilogue.pop())
+    if not valid(region):
+        raise NotFusable("no placement satisfies the region's inputs and readers")
+    nodes = sorted(region, key=g.order.get)
+    outputs = outputs_of(region)
+    return _build(gm, norm, nodes, outputs, described)
+
+
+def _build(gm, norm, nodes, outputs, described) -> Region:
+    b = SpecBuilder()
+    index: dict[fx.Node, list] = {}
+    for n in nodes:
+        args = []
+        for o in described[n].operands:
+            if o.absent:
+                args.append(None)
+            elif o.literal is not None:
+                args.append(["lit", o.literal])
+            elif o.node is not None and o.node in index:
+                args.append(index[o.node])
+            elif o.node is not None:
+                args.append(b.input(("node", o.node), dtype_of(o.node), o.channel_view))
+            else:
+                t = gm.get_parameter(o.attr) if _has_param(gm, o.attr) else gm.get_buffer(o.attr)
+                args.append(b.input(("attr", o.attr), t.dtype, o.channel_view))
+        index[n] = b.node(described[n].op, args, described[n].attrs, dtype_of(n))
+    spec = b.build([index[o][1] for o in outputs], index[norm][1])
+    return Region(norm, nodes, outputs, spec, [k[0] for k in b.input_keys()], region_name(spec),
+                  [described[n].op for n in nodes])
+
+
+def _has_param(gm: nn.Module, target: str) -> bool:
+    try:
+        gm.get_parameter(target)
+        return True
+    except AttributeError:
+        return False
+
+
+def norms(gm: fx.GraphModule):
+    """(node, description or NotFusable) for every norm node of the graph, in order."""
+    for node in gm.graph.nodes:
+        try:
+            d = describe_norm(gm, node)
+        except NotFusable as e:
+            yield node, e
+            continue
+        if d is not None:
+            yield node, d
+
+
+def find_regions(gm: fx.GraphModule) -> list[tuple[fx.Node, Region | NotFusable]]:
+    """Regions for every norm of `gm` (non-overlapping, first norm first); the graph is unchanged."""
+    claimed: set = set()
+    out = []
+    for node, d in list(norms(gm)):
+        if isinstance(d, NotFusable):
+            out.append((node, d))
+            continue
+        try:
+            r = grow(gm, node, d, claimed)
+        except NotFusable as e:
+            out.append((node, e))
+            continue
+        claimed |= set(r.nodes)
+        out.append((node, r))
+    return out

@@ -1,0 +1,316 @@
+"""Run a region: the PyTorch op, its launcher, the kernel cache and the derived backward.
+
+`torch.ops.fxrewrite.fused_region(spec: str, inputs: Tensor[]) -> Tensor[]` is one custom op for
+every region: the region is described by its spec text (`ir.dumps`), so a lowered graph is self
+contained, `torch.compile` and `torch.export` see an ordinary op with a fake implementation (the
+output shapes are the broadcast of the inputs' shapes), and nothing has to be registered per
+model.
+
+Where it runs:
+  * CUDA tensors: the generated Triton kernel;
+  * CPU tensors with TRITON_INTERPRET=1 in the environment: the same kernel in Triton's
+    interpreter (tests);
+  * otherwise (CPU without the interpreter, or FXREWRITE_CODEGEN=reference): the region's eager
+    reference (`reference.run_reference`), so an optimised model runs everywhere.
+
+Backward: the gradient of the eager reference, by autograd on a recomputation of the forward
+(`register_autograd`). It equals eager's gradient by construction; it is not a fused kernel.
+
+Kernel cache: the source is a function of (spec text, launch specialisation); its structural
+hash names a file `<kernel>_<hash>.py` under $FXREWRITE_CACHE_DIR (default
+~/.cache/fx-rewrite/kernels), written atomically and imported once per process. Triton keeps
+its own cache of the compiled binaries.
+"""
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from . import emit
+from .ir import DTYPES, compute_dtype, loads, reduce_ndim, spec_hash
+from .reference import fresh_outputs, run_reference
+
+# ---------------------------------------------------------------- where it runs
+
+
+def use_interpreter() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+def backend_for(inputs: list[torch.Tensor]) -> str:
+    """'triton' or 'reference' for these tensors (see the module docstring)."""
+    if os.environ.get("FXREWRITE_CODEGEN") == "reference" or not inputs:
+        return "reference"
+    devices = {t.device for t in inputs}
+    if len(devices) != 1:
+        return "reference"
+    dev = devices.pop()
+    if dev.type == "cuda" or (dev.type == "cpu" and use_interpreter()):
+        return "triton" if triton_available() else "reference"
+    return "reference"
+
+
+# ---------------------------------------------------------------- launch planning
+
+def _collapse_inner(sizes, strides):
+    """The single stride of dims `sizes` seen as one flat dim, or None if they do not collapse."""
+    dims = [(n, s) for n, s in zip(sizes, strides) if n != 1]
+    if not dims:
+        return 0
+    for (n0, s0), (n1, s1) in zip(dims, dims[1:]):
+        if s0 != s1 * n1:
+            return None
+    return dims[-1][1]
+
+
+def plan(spec: dict, inputs: list[torch.Tensor]):
+    """Views of the inputs as rows x columns: (M, N, lead sizes, per input (tensor, lead strides,
+    column stride)). Broadcast dims get stride 0; leading dims are coalesced where every input
+    allows it, so the usual contiguous case has one leading dim."""
+    ts = []
+    for t, meta in zip(inputs, spec["inputs"]):
+        if meta["channel_view"]:
+            t = t.reshape(tuple(t.shape) + (1,) * meta["channel_view"])
+        ts.append(t)
+    domain = tuple(torch.broadcast_shapes(*[t.shape for t in ts]))
+    if not domain:
+        domain = (1,)
+    nd = len(domain)
+    inner = min(max(reduce_ndim(spec), 1), nd)
+    lead, cols = list(domain[:nd - inner]), domain[nd - inner:]
+    N = math.prod(cols)
+    views = []
+    for t in ts:
+        e = t.expand(domain)
+        s_n = _collapse_inner(cols, e.stride()[nd - inner:])
+        if s_n is None:  # inner dims not expressible with one stride: materialise this input
+            e = e.contiguous()
+            s_n = _collapse_inner(cols, e.stride()[nd - inner:])
+        views.append([e, list(e.stride()[:nd - inner]), s_n])
+    # drop size-1 leading dims, then merge neighbours that every input lets us merge
+    keep = [d for d, n in enumerate(lead) if n != 1]
+    lead = [lead[d] for d in keep]
+    for v in views:
+        v[1] = [v[1][d] for d in keep]
+    d = len(lead) - 2
+    while d >= 0:
+        if all(v[1][d] == v[1][d + 1] * lead[d + 1] for v in views):
+            lead[d] *= lead[d + 1]
+            del lead[d + 1]
+            for v in views:
+                v[1][d] = v[1][d + 1]  # the merged dim steps like its inner part
+                del v[1][d + 1]
+        d -= 1
+    if reduce_ndim(spec) == 0:  # no reduction: columns can absorb trailing leading dims too
+        while lead and all(v[1][-1] == v[2] * N for v in views):
+            N *= lead.pop()
+            for v in views:
+                v[1].pop()
+    if not lead:
+        lead = [1]
+        for v in views:
+            v[1] = [0]
+    M = math.prod(lead)
+    return domain, M, N, lead, views
+
+
+def _classes(views, N):
+    out = []
+    for _, lead_strides, s_n in views:
+        rows = any(s != 0 for s in lead_strides)
+        cols = s_n != 0 and N > 1
+        kind = "full" if rows and cols else "col" if cols else "row" if rows else "scalar"
+        out.append((kind, s_n == 1))
+    return tuple(out)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def choose_config(M: int, N: int, ct: str, has_stats: bool):
+    """(mode, BLOCK_N, ROWS, num_warps). One pass over memory when a row fits in registers
+    (N <= 8192 in float32, 4096 in float64); several rows per program for small N."""
+    max_single = 8192 if ct == "float32" else 4096
+    if N <= max_single:
+        mode, block = "single", _next_pow2(N)
+    else:
+        mode, block = "loop", max_single // 2
+    rows = max(1, min(64, 2048 // block, _next_pow2(M)))
+    warps = min(16, max(1, rows * block // 512))
+    return mode, block, rows, warps
+
+
+# ---------------------------------------------------------------- kernel cache
+
+_KERNELS: dict[str, object] = {}
+
+
+def cache_dir() -> Path:
+    env = os.environ.get("FXREWRITE_CACHE_DIR")
+    base = Path(env) if env else Path.home() / ".cache" / "fx-rewrite" / "kernels"
+    try:
+        base.mkdir(parents=True, exist_ok=True)
+        return base
+    except OSError:
+        fallback = Path(tempfile.gettempdir()) / "fx-rewrite-kernels"
+        fallback.mkdir(parents=True, exist_ok=True)
+        return fallback
+
+
+def kernel_source(spec_text: str, launch: emit.Launch) -> tuple[str, str, str]:
+    """(kernel name, structural hash, source) for a region and a launch specialisation."""
+    spec = loads(spec_text)
+    return emit.kernel_name(spec), spec_hash(spec_text, launch.key()), emit.generate(spec, launch)
+
+
+def get_kernel(spec_text: str, launch: emit.Launch):
+    key = spec_hash(spec_text, launch.key())
+    fn = _KERNELS.get(key)
+    if fn is not None:
+        return fn
+    name, key, src = kernel_source(spec_text, launch)
+    path = cache_dir() / f"{name.strip('_')}_{key}.py"
+    if not path.exists() or path.read_text() != src:
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(src)
+        os.replace(tmp, path)
+    modname = f"fxrewrite_kernels.{path.stem}"
+    mod_spec = importlib.util.spec_from_file_location(modname, path)
+    module = importlib.util.module_from_spec(mod_spec)
+    sys.modules[modname] = module
+    mod_spec.loader.exec_module(module)
+    fn = getattr(module, name)
+    _KERNELS[key] = fn
+    return fn
+
+
+# ---------------------------------------------------------------- forward
+
+_LAUNCHES: dict = {}
+
+
+def run_triton(spec_text: str, inputs: list[torch.Tensor], config=None) -> list[torch.Tensor]:
+    """Launch the generated kernel. `config` overrides (mode, BLOCK_N, ROWS, num_warps).
+
+    The launch (kernel, grid, integer arguments) is a function of the spec and the inputs'
+    shapes, strides, dtypes and device only, so it is planned once and cached: a repeated call
+    costs the output allocation and Triton's own launch."""
+    target = "interpreter" if use_interpreter() else "cuda"
+    key = (spec_text, config, target, tuple((tuple(t.shape), t.stride(), t.dtype, t.device) for t in inputs))
+    hit = _LAUNCHES.get(key)
+    if hit is None:
+        hit = _plan_launch(spec_text, inputs, config, target)
+        if hit[-1]:  # no input had to be copied: the plan holds for any tensors like these
+            _LAUNCHES[key] = hit
+    kernel, grid, ints, domain, out_dtypes, consts, copied = hit
+    dev = inputs[0].device
+    outs = [torch.empty(domain, dtype=dt, device=dev) for dt in out_dtypes]
+    if kernel is None:
+        return outs
+    tensors = copied if isinstance(copied, list) else inputs
+    if dev.type == "cuda":
+        with torch.cuda.device(dev):
+            kernel[grid](*tensors, *outs, *ints, **consts)
+    else:
+        kernel[grid](*tensors, *outs, *ints, **consts)
+    return outs
+
+
+def _plan_launch(spec_text, inputs, config, target):
+    spec = loads(spec_text)
+    domain, M, N, lead, views = plan(spec, inputs)
+    out_dtypes = [DTYPES[spec["nodes"][j]["dtype"]] for j in spec["outputs"]]
+    reusable = all(v[0].data_ptr() == t.data_ptr() for v, t in zip(views, inputs))
+    # with a materialised input the launch must use the copies (and is not cached)
+    tensors = True if reusable else [v[0] for v in views]
+    if M * N == 0:
+        return None, None, [], domain, out_dtypes, {}, tensors
+    in_dtypes = tuple(dtype_of(t) for t in inputs)
+    ct = compute_dtype(spec, in_dtypes)
+    mode, block, rows, warps = config or choose_config(M, N, ct, reduce_ndim(spec) > 0)
+    launch = emit.Launch(len(lead), _classes(views, N), in_dtypes, mode, target)
+    kernel = get_kernel(spec_text, launch)
+    ints = [M, N] + list(lead[1:])
+    for (kind, contig), (_, lead_strides, s_n) in zip(launch.classes, views):
+        if kind in ("full", "row"):
+            ints += lead_strides
+        if kind in ("full", "col") and not contig:
+            ints.append(s_n)
+    consts = {"ROWS": rows, "BLOCK_N": block, "num_warps": warps}
+    return kernel, (triton_cdiv(M, rows),), ints, domain, out_dtypes, consts, tensors
+
+
+def dtype_of(t: torch.Tensor) -> str:
+    return str(t.dtype).replace("torch.", "")
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def run(spec_text: str, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The op's implementation: Triton where it can run, the eager reference elsewhere."""
+    spec = loads(spec_text)
+    if backend_for(inputs) == "triton" and all(dtype_of(t) in DTYPES for t in inputs):
+        return run_triton(spec_text, inputs)
+    return fresh_outputs(run_reference(spec, inputs), inputs)
+
+
+# ---------------------------------------------------------------- the op
+
+@torch.library.custom_op("fxrewrite::fused_region", mutates_args=())
+def fused_region(spec: str, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """A fused norm + elementwise region (see `codegen`); `spec` is the region's IR as JSON."""
+    return run(spec, list(inputs))
+
+
+@fused_region.register_fake
+def _fused_region_fake(spec: str, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+    s = loads(spec)
+    shapes = []
+    for t, meta in zip(inputs, s["inputs"]):
+        shapes.append(tuple(t.shape) + (1,) * meta["channel_view"] if meta["channel_view"] else tuple(t.shape))
+    domain = torch.broadcast_shapes(*shapes)
+    return [inputs[0].new_empty(domain, dtype=DTYPES[s["nodes"][j]["dtype"]]) for j in s["outputs"]]
+
+
+def _setup_context(ctx, inputs, output):
+    spec, tensors = inputs
+    ctx.spec = spec
+    ctx.needs = [t.requires_grad and t.is_floating_point() for t in tensors]
+    ctx.save_for_backward(*tensors)
+
+
+def _backward(ctx, grads):
+    """vjp of the eager reference, on a recomputed forward."""
+    tensors = ctx.saved_tensors
+    spec = loads(ctx.spec)
+    with torch.enable_grad():
+        leaves = [t.detach().requires_grad_(n) for t, n in zip(tensors, ctx.needs)]
+        outs = run_reference(spec, leaves)
+        pairs = [(o, g) for o, g in zip(outs, grads) if g is not None and o.requires_grad]
+        wrt = [x for x, n in zip(leaves, ctx.needs) if n]
+        if not pairs or not wrt:
+            return None, [None] * len(tensors)
+        got = iter(torch.autograd.grad([o for o, _ in pairs], wrt, [g for _, g in pairs], allow_unused=True))
+    return None, [next(got) if n else None for n in ctx.needs]
+
+
+fused_region.register_autograd(_backward, setup_context=_setup_context)
+
+OP = torch.ops.fxrewrite.fused_region.default

@@ -1,0 +1,181 @@
+"""What every architecture swap shares: choosing which ops to swap (`only=`), putting a new
+module into the graph, and measuring how far the swap moved the values.
+
+Selection. `only` is None (everything), a module class (matches the module the op came from,
+subclasses included), a string (that module's qualified name, or a dotted prefix of it:
+"blocks.0" selects everything inside block 0), a compiled regex (searched in the name), or a
+list of these (any may match). The module an op came from is `node.meta["source_module"]` for
+nodes canonicalised from a `call_module`, else the innermost entry of `nn_module_stack` (which
+symbolic_trace and torch.export both record).
+
+Measurement. When the graph carries its example inputs (`gm.meta["example_inputs"]`, set by
+capture), the swap runs the graph once before rewriting (an `fx.Interpreter` that keeps the
+input and output of every op to be swapped), then reports for each swap the deviation of the
+replacement from the original op *on that op's own input in the original model*, and after all
+swaps the deviation of the model's outputs. Deviation = max|new - old| (abs) and that divided by
+max|old| (rel), as `rewrite.verify` measures.
+"""
+from __future__ import annotations
+
+import pydoc
+import re
+from typing import Iterable
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.utils._pytree as pytree
+
+
+# ---------------------------------------------------------------- where an op came from
+
+def module_path(node: fx.Node) -> str | None:
+    """Qualified name of the module `node` came from (None for top-level functional code)."""
+    src = node.meta.get("source_module")
+    if src:
+        return src
+    stack = node.meta.get("nn_module_stack")
+    if stack:
+        path = list(stack.values())[-1][0]
+        return path or None
+    return None
+
+
+def module_class(node: fx.Node) -> type | None:
+    """The class of the module `node` came from, where it can be known."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return None
+    cls = list(stack.values())[-1][1]
+    if isinstance(cls, str):  # torch.export records the class's qualified name
+        cls = pydoc.locate(cls)
+    return cls if isinstance(cls, type) else None
+
+
+class Selector:
+    """Which ops a swap applies to (see the module docstring)."""
+
+    def __init__(self, only=None):
+        items = [] if only is None else list(only) if isinstance(only, (list, tuple, set)) else [only]
+        for it in items:
+            if not isinstance(it, (type, str, re.Pattern)):
+                raise TypeError(f"only= takes module classes, names or compiled regexes, not {it!r}")
+        self.items = items
+
+    def __call__(self, node: fx.Node) -> bool:
+        if not self.items:
+            return True
+        path, cls = module_path(node), module_class(node)
+        for it in self.items:
+            if isinstance(it, type) and cls is not None and issubclass(cls, it):
+                return True
+            if isinstance(it, str) and path is not None and (path == it or path.startswith(it + ".")):
+                return True
+            if isinstance(it, re.Pattern) and path is not None and it.search(path):
+                return True
+        return False
+
+    def __str__(self):
+        return ", ".join(it.__name__ if isinstance(it, type) else f"/{it.pattern}/" if isinstance(it, re.Pattern)
+                         else repr(it) for it in self.items) or "everything"
+
+
+# ---------------------------------------------------------------- inserting a module
+
+def install(rw, anchor: fx.Node, module: nn.Module, suffix: str, args: tuple) -> fx.Node:
+    """Register `module` on the GraphModule under a fresh name derived from the op's module
+    (e.g. `blocks.0.norm1_dyt`) and insert a `call_module` node before `anchor`."""
+    base = module_path(anchor) or anchor.name
+    base = re.sub(r"[^0-9a-zA-Z_.]", "_", base).strip(".") + f"_{suffix}"
+    target, i = base, 1
+    while _exists(rw.gm, target):
+        i += 1
+        target = f"{base}_{i}"
+    rw.gm.add_submodule(target, module)
+    with rw.graph.inserting_before(anchor):
+        node = rw.graph.call_module(target, args)
+    for key in ("nn_module_stack", "stack_trace", "val", "tensor_meta"):
+        if key in anchor.meta:
+            node.meta[key] = anchor.meta[key]
+    node.meta["source_module"] = target
+    return node
+
+
+def _exists(root: nn.Module, target: str) -> bool:
+    obj = root
+    for part in target.split("."):
+        if not hasattr(obj, part):
+            return False
+        obj = getattr(obj, part)
+    return True
+
+
+# ---------------------------------------------------------------- measuring
+
+class _Recorder(fx.Interpreter):
+    """Keeps the value of one chosen input and the output of each wanted node."""
+
+    def __init__(self, gm, wanted: dict[fx.Node, object]):
+        super().__init__(gm, garbage_collect_values=True)
+        self.wanted, self.seen = wanted, {}
+
+    def run_node(self, n):
+        out = super().run_node(n)
+        if n in self.wanted:
+            a = self.wanted[n]
+            self.seen[n] = (_detach(self.env[a] if isinstance(a, fx.Node) else a), _detach(out))
+        return out
+
+
+def _detach(v):
+    return v.detach().clone() if isinstance(v, torch.Tensor) else v
+
+
+def _flat_inputs(gm: fx.GraphModule, args, kwargs) -> list:
+    spec = getattr(gm, "_in_spec", None)
+    if spec is not None:
+        import torch.fx._pytree as fx_pytree
+        return list(fx_pytree.tree_flatten_spec((tuple(args), dict(kwargs)), spec))
+    if kwargs:
+        raise ValueError("keyword inputs for a graph without an input spec")
+    return list(args)
+
+
+def run_recording(gm: fx.GraphModule, wanted: dict[fx.Node, object]):
+    """Run `gm` on its example inputs; `wanted` maps a node to the input (a node) to keep.
+    Returns (flat outputs, {node: (input value, output value)})
+    or (None, reason) when the graph has no example inputs or fails to run."""
+    example = getattr(gm, "meta", {}).get("example_inputs")
+    if example is None:
+        return None, "not measured: the graph carries no example inputs"
+    args, kwargs = example
+    rec = _Recorder(gm, wanted)
+    try:
+        with torch.no_grad():
+            out = rec.run(*_flat_inputs(gm, args, kwargs))
+    except Exception as e:  # measuring is a report, never a reason to fail the swap
+        return None, f"not measured: running the graph failed ({type(e).__name__}: {str(e)[:120]})"
+    return pytree.tree_leaves(out), rec.seen
+
+
+def deviation(ref, new) -> tuple[float, float]:
+    """(max abs, max abs / max|ref|) over all floating tensors of two matching structures."""
+    ra = [t for t in pytree.tree_leaves(ref) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    na = [t for t in pytree.tree_leaves(new) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    if len(ra) != len(na):
+        raise ValueError("outputs differ in structure")
+    max_abs, scale = 0.0, 0.0
+    for r, n in zip(ra, na):
+        if r.numel():
+            max_abs = max(max_abs, float((r.double() - n.double()).abs().max()))
+            scale = max(scale, float(r.double().abs().max()))
+    return max_abs, (max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else float("inf")))
+
+
+def fmt_dev(d: tuple[float, float]) -> str:
+    return f"max abs {d[0]:.3g}, max rel {d[1]:.3g}"
+
+
+def nodes_with(gm: fx.GraphModule, targets: Iterable) -> list[fx.Node]:
+    targets = set(targets)
+    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target in targets and n.users]

@@ -1,0 +1,125 @@
+"""Lift decomposed RMSNorms back into one canonical `aten.rms_norm`.
+
+transformers' RMSNorm modules (LLaMA, Qwen2, Mistral, ...) are written out in Python, so
+`torch.export` records them as a chain of elementwise ops:
+
+    xf = x.to(float32)                                  (absent, or a no-op, for float32 models)
+    r  = rsqrt(mean(pow(xf, 2), dim=[-1], keepdim=True) + eps)
+    y  = weight * (xf * r).to(x.dtype)                  (either operand order; weight optional)
+
+which is RMSNorm(xf; weight, eps) over the last dim. Lifting it into `aten.rms_norm` lets the
+norm passes (DyT swap, kernel lowering) see it. Exactness: aten.rms_norm computes the same
+x * rsqrt(mean(x^2) + eps) * weight; when the casts are real (a bf16 model computing the norm in
+float32) the casts and the weight multiply are kept as they are and only the normalisation
+`xf * r` becomes `rms_norm(xf, weight=None)`, so the rounding steps are unchanged.
+
+Not handled (left decomposed, nothing breaks): Gemma's `(1 + weight)` scale, norms over
+several dims, or a chain whose intermediate values are read elsewhere.
+
+Meant to run as part of canonicalisation (`lift_decomposed_norms(gm, report)`), and wrapped
+as the exact pass "lift_norms" so that it can be asked for before the norm swaps.
+"""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from . import ops
+from .canonicalize import tensor_shape
+from .report import Report
+
+aten = torch.ops.aten
+_CASTS = {aten.to.dtype, aten.to.dtype_layout, aten._to_copy.default}
+
+
+def _dtype(n) -> torch.dtype | None:
+    val = n.meta.get("val") if isinstance(n, fx.Node) else None
+    if isinstance(val, torch.Tensor):
+        return val.dtype
+    tm = n.meta.get("tensor_meta") if isinstance(n, fx.Node) else None
+    return getattr(tm, "dtype", None)
+
+
+def _is(n, target) -> bool:
+    return isinstance(n, fx.Node) and n.op == "call_function" and n.target is target
+
+
+def _value_users(n: fx.Node) -> list[fx.Node]:
+    """Users other than export's metadata assertions."""
+    return [u for u in n.users if not _is(u, aten._assert_tensor_metadata.default)]
+
+
+def _other(mul: fx.Node, one) -> object:
+    a, b = mul.args[0], mul.args[1]
+    return b if a is one else a if b is one else None
+
+
+def _match(r: fx.Node):
+    """From an rsqrt node, the pieces of a decomposed RMSNorm, or None."""
+    add = r.args[0]
+    if not (_is(add, ops.add) and isinstance(add.args[1], (int, float)) and len(add.users) == 1):
+        return None
+    mean = add.args[0]
+    if not (_is(mean, aten.mean.dim) and len(mean.users) == 1):
+        return None
+    dims, keep = mean.args[1], (mean.args[2] if len(mean.args) > 2 else mean.kwargs.get("keepdim", False))
+    pw = mean.args[0]
+    if not (_is(pw, aten.pow.Tensor_Scalar) and pw.args[1] == 2 and len(pw.users) == 1 and keep):
+        return None
+    xf = pw.args[0]
+    shape = tensor_shape(xf)
+    if shape is None or list(dims) not in ([-1], [len(shape) - 1]):
+        return None
+    users = _value_users(r)
+    if len(users) != 1 or not _is(users[0], ops.mul) or _other(users[0], r) is not xf:
+        return None
+    norm = users[0]
+    return xf, float(add.args[1]), norm, [pw, mean, add, r], shape[-1]
+
+
+def _weight_after(norm: fx.Node, d: int):
+    """(optional cast node, weight-mul node, weight get_attr) following the normalisation."""
+    out, cast = norm, None
+    users = _value_users(out)
+    if len(users) == 1 and users[0].target in _CASTS:
+        cast = users[0]
+        out = cast
+        users = _value_users(out)
+    if len(users) == 1 and _is(users[0], ops.mul):
+        w = _other(users[0], out)
+        if isinstance(w, fx.Node) and w.op == "get_attr" and list(tensor_shape(w) or ()) == [d]:
+            return cast, users[0], w
+    return cast, None, None
+
+
+def lift_decomposed_norms(gm: fx.GraphModule, report: Report) -> int:
+    """Replace decomposed RMSNorm chains by `aten.rms_norm`; returns how many were lifted."""
+    graph, count = gm.graph, 0
+    for r in list(graph.nodes):
+        if not _is(r, aten.rsqrt.default) or r.graph is None:
+            continue
+        found = _match(r)
+        if found is None:
+            continue
+        xf, eps, norm, chain, d = found
+        cast, wmul, w = _weight_after(norm, d)
+        same = cast is None or _dtype(cast) == _dtype(norm)
+        if wmul is not None and same and _dtype(w) == _dtype(norm):
+            root, weight = wmul, w
+        else:
+            root, weight = norm, None
+        with graph.inserting_before(root):
+            args, kwargs = ops.call(ops.rms_norm, input=xf, normalized_shape=[d], weight=weight, eps=eps)
+            new = graph.call_function(ops.rms_norm, args, kwargs)
+        new.meta.update(root.meta)
+        root.replace_all_uses_with(new)
+        for dead in chain + [norm] + ([cast] if cast is not None and root is not norm else []):
+            for u in list(dead.users):  # export's metadata checks of values no longer computed
+                if _is(u, aten._assert_tensor_metadata.default):
+                    graph.erase_node(u)
+        what = "with its weight" if weight is not None else "normalisation only (casts/weight kept)"
+        report.rewrote("lift_norms", root.name, f"decomposed RMSNorm over {d} (eps={eps:g}) -> aten.rms_norm, {what}")
+        count += 1
+    if count:
+        graph.eliminate_dead_code()
+    return count

@@ -1,0 +1,113 @@
+"""Rules, passes, and the driver that applies them to a fixed point.
+
+A rule is a pattern, a legality check and a rewrite (MLIR's split, tinygrad's brevity):
+
+    Rule("fold_bn_into_conv", pattern, rewrite=fold, check=can_fold)
+
+`check(**captures)` returns None when the rewrite is legal, or the reason it is not (reported
+as a skip). `rewrite(rw, **captures)` builds the replacement through the Rewriter and returns
+the node that replaces the root (or None when it already rewired the graph itself).
+
+A pass is a named list of rules with a stated exactness. The driver visits nodes in order,
+tries the rules whose root op matches (indexed by op), and repeats until nothing changes. Dead
+nodes are removed once per pass; the GraphModule is recompiled once, by the caller.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Literal
+
+import torch.fx as fx
+
+from .pattern import Match, NoMatch, Op, match
+from .dce import eliminate_dead_code
+from .report import Report
+from .rewriter import Derivation, Rewriter
+
+Exactness = Literal["exact", "rounding", "approximate"]
+
+
+@dataclass
+class Rule:
+    name: str
+    pattern: Op
+    rewrite: Callable[..., fx.Node | None]
+    check: Callable[..., str | None] | None = None
+
+
+@dataclass
+class Pass:
+    """A named set of rules. `exactness`: "exact" (same function, bit-for-bit up to rounding
+    order), "rounding" (same function in real arithmetic), "approximate" (the function changes;
+    opt-in only)."""
+
+    name: str
+    rules: list[Rule]
+    exactness: Exactness
+    doc: str = ""
+    max_rounds: int = 100
+    miss_note: str = ""  # appended to every near-miss reason: what happens to an unmatched root
+    graph_fn: Callable[[fx.GraphModule, Rewriter], None] | None = field(default=None)
+
+    @property
+    def approximate(self) -> bool:
+        return self.exactness == "approximate"
+
+
+def run_pass(gm: fx.GraphModule, p: Pass, report: Report, derivations: list[Derivation]) -> int:
+    """Apply one pass to a fixed point; returns the number of rewrites."""
+    rw = Rewriter(gm, report, derivations)
+    rw.pass_name = p.name
+    if p.graph_fn is not None:
+        before = len(report.records)
+        p.graph_fn(gm, rw)
+        eliminate_dead_code(gm.graph)
+        return sum(1 for r in report.records[before:] if r.action == "rewrote")
+    by_target: dict = {}
+    for rule in p.rules:
+        for t in rule.pattern.targets:
+            by_target.setdefault(t, []).append(rule)
+    near_misses: dict[str, str] = {}
+    total = 0
+    for _ in range(p.max_rounds):
+        changed = 0
+        for node in list(gm.graph.nodes):
+            if node.graph is None or node.op != "call_function" or not node.users:
+                continue
+            for rule in by_target.get(node.target, ()):
+                m = _try(rule, node, near_misses)
+                if m is None:
+                    continue
+                new = rule.rewrite(rw.at(node), **m.captures)
+                if new is not None:
+                    rw.replace(node, new, _describe(rule, m, new))
+                near_misses.pop(node.name, None)
+                changed += 1
+                break
+        eliminate_dead_code(gm.graph)
+        total += changed
+        if not changed:
+            break
+    for node_name, reason in near_misses.items():
+        report.skip(p.name, node_name, f"{reason}{'; ' + p.miss_note if p.miss_note else ''}")
+    return total
+
+
+def _try(rule: Rule, node: fx.Node, near_misses: dict) -> Match | None:
+    try:
+        m = match(rule.pattern, node)
+    except NoMatch as e:
+        if e.depth > 0:
+            near_misses.setdefault(node.name, f"{rule.name}: {e.reason}")
+        return None
+    if rule.check is not None:
+        reason = rule.check(**m.captures)
+        if reason:
+            near_misses[node.name] = f"{rule.name}: {reason}"
+            return None
+    return m
+
+
+def _describe(rule: Rule, m: Match, new: fx.Node) -> str:
+    matched = " <- ".join(n.name for n in m.nodes)
+    return f"{rule.name}: [{matched}] -> {new.name}"

@@ -1,0 +1,191 @@
+"""torch.compile(backend="rewrite"): what reaches the final compiler, and that it is still right.
+
+A recording compiler (`options={"compiler": record}`) stands in for Inductor in most tests, so
+the graph Inductor would receive can be inspected (conv / batch-norm counts) cheaply; one test
+goes through Inductor itself.
+"""
+import copy
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch._dynamo
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from rewrite import backend
+from rewrite import ops
+
+
+class Net(nn.Module):
+    """conv-BN-ReLU, conv-BN, an in-place residual add (Dynamo writes operator.iadd), a functional BN."""
+
+    def __init__(self, c=4):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+        self.conv2, self.bn2 = nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c)
+        self.conv3 = nn.Conv2d(c, c, 1)
+        self.register_buffer("mean3", torch.randn(c))
+        self.register_buffer("var3", torch.rand(c) + 0.5)
+        for bn in (self.bn1, self.bn2):
+            bn.running_mean.normal_()
+            bn.running_var.uniform_(0.5, 2.0)
+            bn.weight.data.normal_()
+            bn.bias.data.normal_()
+
+    def forward(self, x):
+        y = F.relu(self.bn1(self.conv1(x)))
+        z = self.bn2(self.conv2(y))
+        z += y
+        return F.batch_norm(self.conv3(z), self.mean3, self.var3, training=False, eps=1e-3)
+
+
+class Recorder:
+    def __init__(self):
+        self.graphs = []
+
+    def __call__(self, gm, example_inputs):
+        self.graphs.append(gm)
+        return gm.forward
+
+    def count(self, *targets, i=-1):
+        return sum(1 for n in self.graphs[i].graph.nodes if n.op == "call_function" and n.target in targets)
+
+
+BN_TARGETS = (ops.batch_norm, F.batch_norm, torch.batch_norm)
+CONV_TARGETS = (ops.conv, torch.conv2d, F.conv2d)
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def _compile(model, **options):
+    return torch.compile(model, backend="rewrite", options=options)
+
+
+def test_eval_graph_reaches_compiler_with_bn_folded_and_equal_outputs():
+    torch.manual_seed(0)
+    model = Net().double().eval()
+    state = copy.deepcopy(model.state_dict())
+    rec = Recorder()
+    x = torch.randn(2, 3, 9, 7, dtype=torch.float64)
+    with torch.no_grad():
+        out = _compile(model, compiler=rec)(x)
+        ref = model(x)
+    assert rec.count(*CONV_TARGETS) == 3
+    assert rec.count(*BN_TARGETS) == 0
+    assert (out - ref).abs().max() / ref.abs().max() < 1e-12
+    report = backend.last_report()
+    assert report.count("fold_batchnorm") == 3
+    # the user's model is untouched
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    # the frozen weights are constants now: only the image is a graph input
+    assert [n.name for n in rec.graphs[-1].graph.nodes if n.op == "placeholder"] == ["l_x_"]
+    with torch.no_grad():  # a second call with another batch size still agrees
+        x2 = torch.randn(3, 3, 9, 7, dtype=torch.float64)
+        assert torch.allclose(_compile(model, compiler=rec)(x2), model(x2), rtol=1e-12, atol=1e-12)
+
+
+def test_training_graph_passes_through_and_gradients_match():
+    torch.manual_seed(0)
+    model = Net().eval()  # eval BN but grad enabled: weights are being trained, not constants
+    rec = Recorder()
+    x = torch.randn(2, 3, 8, 8)
+    out = _compile(model, compiler=rec)(x)
+    assert rec.count(*BN_TARGETS) == 3  # nothing folded
+    assert "passed through unchanged" in str(backend.last_report())
+    out.sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    model(x).sum().backward()
+    for g, p in zip(grads, model.parameters()):
+        assert torch.allclose(g, p.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_batchnorm_in_training_mode_is_not_folded_and_updates_stats():
+    torch.manual_seed(0)
+    model = Net().train()
+    twin = copy.deepcopy(model)
+    rec = Recorder()
+    x = torch.randn(4, 3, 8, 8)
+    with torch.no_grad():
+        out = _compile(model, compiler=rec)(x)
+        ref = twin(x)
+    assert rec.count(*BN_TARGETS) == 3
+    assert "training mode" in str(backend.last_report())
+    assert torch.allclose(out, ref, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(model.bn1.running_mean, twin.bn1.running_mean)
+
+
+def test_weights_changed_after_compile_are_not_served_stale():
+    torch.manual_seed(0)
+    model = Net().eval()
+    compiled = _compile(model, compiler="eager")
+    x = torch.randn(1, 3, 8, 8)
+    with torch.no_grad():
+        compiled(x)
+        model.conv2.weight.mul_(2.0)  # e.g. an optimizer step or load_state_dict
+        with pytest.warns(UserWarning, match="frozen weight changed"):
+            out = compiled(x)
+        assert torch.allclose(out, model(x), rtol=1e-5, atol=1e-6)
+
+
+def test_passes_option_and_resnet18_counts():
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    x = torch.randn(1, 3, 32, 32)
+    rec = Recorder()
+    with torch.no_grad():
+        out = _compile(model, compiler=rec)(x)
+        ref = model(x)
+        assert rec.count(*CONV_TARGETS) == 20 and rec.count(*BN_TARGETS) == 0
+        assert (out - ref).abs().max() <= 1e-5 * ref.abs().max()
+        torch._dynamo.reset()
+        _compile(model, compiler=rec, passes=[])(x)  # no passes: canonicalised, nothing folded
+        assert rec.count(ops.conv) == 20 and rec.count(ops.batch_norm) == 20
+
+
+def test_inductor_end_to_end():
+    torch.manual_seed(0)
+    model = Net().eval()
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        out = torch.compile(model, backend="rewrite")(x)
+        ref = model(x)
+    assert backend.last_report().count("fold_batchnorm") == 3
+    assert (out - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+def test_bad_options_are_refused():
+    gm = fx.symbolic_trace(nn.ReLU())
+    with pytest.raises(ValueError, match="unknown option"):
+        backend.rewrite_backend(gm, [torch.randn(2)], options={"pases": []})
+    with pytest.raises(ValueError, match="compiler must be"):
+        backend.rewrite_backend(gm, [torch.randn(2)], options={"compiler": "tvm"})
+
+
+def test_registered_through_entry_point_without_import():
+    code = textwrap.dedent("""
+        import sys, torch, torch.nn as nn
+        assert "rewrite" not in sys.modules
+        m = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval()
+        x = torch.randn(1, 3, 6, 6)
+        with torch.no_grad():
+            out = torch.compile(m, backend="rewrite", options={"compiler": "eager"})(x)
+            assert torch.allclose(out, m(x), atol=1e-5)
+        from rewrite.backend import last_report
+        assert last_report().count("fold_batchnorm") == 1
+        print("ok")
+    """)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().endswith("ok")

@@ -1,0 +1,97 @@
+"""The command line: a full run on a tiny model, and one-line errors (exit 2) for bad input."""
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from rewrite.cli import main
+
+TINYNETS = textwrap.dedent("""
+    import torch, torch.nn as nn
+
+    def convnet():
+        torch.manual_seed(0)
+        m = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                          nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.LazyLinear(3))
+        for bn in (m[1], m[4]):
+            bn.running_mean.normal_()
+            bn.running_var.uniform_(0.5, 2.0)
+        m(torch.randn(1, 3, 8, 8))  # materialise the lazy layer
+        return m
+
+    class Branchy(nn.Module):
+        def forward(self, x):
+            if x.sum() > 0:  # control flow on a value: neither symbolic_trace nor export
+                return x.relu()
+            return x
+
+    def branchy():
+        return Branchy()
+
+    def broken():
+        raise RuntimeError("no weights here")
+
+    not_a_model = 3
+
+    def returns_int():
+        return 3
+""")
+
+
+@pytest.fixture
+def tiny(tmp_path, monkeypatch):
+    (tmp_path / "tinynets.py").write_text(TINYNETS)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sys.modules.pop("tinynets", None)
+    return tmp_path
+
+
+def test_full_run(tiny, capsys):
+    rc = main(["optimize", "tinynets:convnet", "--input-shape", "1,3,8,8", "--onnx", "net.onnx", "--check",
+               "--draw", "graph.dot", "--runs", "2"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    assert "fold_bn_into_conv" in out and "summary: " in out  # the report table
+    assert "error vs original (fresh input): PASS" in out
+    assert "eager latency, median of 2: before" in out
+    assert "onnx: net.onnx: opset" in out and "Conv" in out and "BatchNormalization" not in out
+    assert "onnxruntime vs original, batch 1: PASS" in out
+    assert "onnxruntime vs original, batch 2: PASS" in out  # dynamic batch
+    assert "[rewrite] optimizing: done" in err  # progress on stderr
+    assert (tiny / "net.onnx").stat().st_size > 0
+    assert (tiny / "graph.dot").read_text().lstrip().startswith("digraph")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["tinynets"], "expected PACKAGE.MODULE:FACTORY"),
+    (["no_such_module_xyz:f"], "cannot import module 'no_such_module_xyz'"),
+    (["tinynets:nope"], "has no attribute 'nope'"),
+    (["tinynets:not_a_model"], "is not callable"),
+    (["tinynets:broken"], "calling tinynets:broken() failed: RuntimeError: no weights here"),
+    (["tinynets:returns_int"], "returned int, not a torch.nn.Module"),
+    (["tinynets:convnet", "--input-shape", "1,3,x,8"], "bad --input-shape '1,3,x,8'"),
+    (["tinynets:convnet", "--input-shape", "1,3,0,8"], "every dimension must be a positive integer"),
+    (["tinynets:convnet", "--input-shape", "1,5,8,8"], "the model fails on inputs of shape [[1, 5, 8, 8]]"),
+    (["tinynets:convnet", "--passes", "fold_everything"], "unknown pass or preset 'fold_everything'"),
+    (["tinynets:branchy", "--input-shape", "1,4"], "cannot capture the model"),
+])
+def test_bad_input_is_one_line_exit_2(tiny, capsys, argv, message):
+    if "--input-shape" not in argv:
+        argv = argv + ["--input-shape", "1,3,8,8"]
+    rc = main(["optimize"] + argv)
+    out, err = capsys.readouterr()
+    assert rc == 2
+    errors = [line for line in err.splitlines() if not line.startswith("[rewrite]")]
+    assert len(errors) == 1 and errors[0].startswith("rewrite: error: "), err
+    assert message in errors[0]
+    assert "Traceback" not in err + out
+
+
+def test_python_dash_m(tiny):
+    done = subprocess.run([sys.executable, "-m", "rewrite", "optimize", "tinynets:convnet", "--input-shape",
+                           "2,3,8,8", "--runs", "1", "--check"], capture_output=True, text=True, timeout=300,
+                          cwd=tiny)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "error vs original (fresh input): PASS" in done.stdout

@@ -1,0 +1,219 @@
+"""ONNX export of optimized models: standard ops only, onnxruntime equals PyTorch, dynamic batch."""
+import copy
+
+import onnx
+import pytest
+import torch
+import torch.nn as nn
+from onnx import TensorProto, helper
+
+from rewrite import OnnxExportError, VerificationError, check_onnx, export_onnx, optimize
+from rewrite import ops
+from rewrite import onnx_export
+from rewrite.nn import DyT, SmeLU
+
+
+def _op_types(path):
+    proto = onnx.load(path)
+    return [n.op_type for n in proto.graph.node] + [n.op_type for f in proto.functions for n in f.node]
+
+
+def _domains(path):
+    proto = onnx.load(path)
+    return {n.domain for n in proto.graph.node} | {n.domain for f in proto.functions for n in f.node} | {
+        o.domain for o in proto.opset_import}
+
+
+def _count(gm, target):
+    return sum(1 for n in gm.graph.nodes if n.op == "call_function" and n.target is target)
+
+
+def _randomize_bn(model):
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.running_mean.normal_(0, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.normal_(0, 0.2)
+    return model
+
+
+def _folded_round_trip(model, shape, tmp_path, name):
+    torch.manual_seed(0)
+    x = torch.randn(shape)
+    fast = optimize(model, x)
+    # every BN fed by a conv is folded; what may remain are BNs with no conv to fold into
+    remaining = [n for n in fast.graph.nodes if n.op == "call_function" and n.target is ops.batch_norm]
+    assert all(getattr(ops.arg(n, "input"), "target", None) is not ops.conv for n in remaining)
+    path = tmp_path / f"{name}.onnx"
+    info = export_onnx(fast, x, path)
+    assert _domains(path) <= onnx_export.STANDARD_DOMAINS
+    types = _op_types(path)
+    assert types.count("BatchNormalization") <= len(remaining)
+    assert types.count("Conv") == _count(fast, ops.conv)
+    for batch in (shape[0], shape[0] + 2):  # the exported batch size and another one
+        result = check_onnx(model, path, torch.randn((batch,) + tuple(shape[1:])))
+        assert result.passed, str(result)
+        assert result.outputs["out"].shape[0] == batch
+    return info
+
+
+def test_folded_resnet18_dynamic_batch(tmp_path):
+    torchvision = pytest.importorskip("torchvision")
+    model = _randomize_bn(torchvision.models.resnet18(num_classes=10)).eval()
+    state = copy.deepcopy(model.state_dict())
+    info = _folded_round_trip(model, (1, 3, 32, 32), tmp_path, "resnet18")
+    assert info.op_counts["Conv"] == 20 and info.dynamic_batch and "BatchNormalization" not in info.op_counts
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.slow
+def test_folded_resnet50(tmp_path):
+    torchvision = pytest.importorskip("torchvision")
+    model = _randomize_bn(torchvision.models.resnet50(num_classes=10)).eval()
+    info = _folded_round_trip(model, (2, 3, 32, 32), tmp_path, "resnet50")
+    assert info.op_counts["Conv"] == 53 and "BatchNormalization" not in info.op_counts
+
+
+def test_timm_repvgg(tmp_path):
+    """With the default (exact) passes: BN folded into the 3x3 and 1x1 branches (the identity-branch
+    BNs have no conv to fold into), and branches merged once a re-parameterisation pass is in the
+    defaults; either way every conv of the optimized graph is one ONNX Conv and ORT agrees."""
+    timm = pytest.importorskip("timm")
+    model = _randomize_bn(timm.create_model("repvgg_a0", pretrained=False, num_classes=10)).eval()
+    _folded_round_trip(model, (1, 3, 32, 32), tmp_path, "repvgg")
+
+
+class NormBlock(nn.Module):
+    """A pre-norm transformer-style block: RMSNorm, DyT, SmeLU, LayerNorm, residual adds."""
+
+    def __init__(self, d=16):
+        super().__init__()
+        self.rms = nn.RMSNorm(d, eps=1e-6)
+        self.attn_in = nn.Linear(d, d)
+        self.dyt = DyT(d, alpha_init=0.8)
+        self.mlp = nn.Sequential(nn.Linear(d, 2 * d), SmeLU(0.5), nn.Linear(2 * d, d))
+        self.ln = nn.LayerNorm(d)
+
+    def forward(self, x):
+        x = x + self.attn_in(self.rms(x))
+        x = x + self.mlp(self.dyt(x))
+        return self.ln(x)
+
+
+class TinyTransformer(nn.Module):
+    def __init__(self, d=16, depth=2):
+        super().__init__()
+        self.blocks = nn.Sequential(*[NormBlock(d) for _ in range(depth)])
+        self.head = nn.Linear(d, 5)
+
+    def forward(self, x):
+        return self.head(self.blocks(x))
+
+
+@pytest.mark.parametrize("opset", [23, 18])
+def test_transformer_with_rmsnorm_dyt_smelu(tmp_path, opset):
+    torch.manual_seed(0)
+    model = TinyTransformer().eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (DyT, nn.RMSNorm, nn.LayerNorm)):
+                m.weight.uniform_(0.5, 1.5)
+    x = torch.randn(2, 7, 16)
+    fast = optimize(model, x)
+    path = tmp_path / f"tiny_{opset}.onnx"
+    info = export_onnx(fast, x, path, opset=opset)
+    assert info.opset == opset
+    assert _domains(path) <= onnx_export.STANDARD_DOMAINS
+    types = _op_types(path)
+    assert types.count("LayerNormalization") == 2
+    if opset >= 23 and onnx_export.ort_supports_rms_normalization():
+        assert types.count("RMSNormalization") == 2
+    else:
+        assert "RMSNormalization" not in types  # decomposed into standard arithmetic
+    assert types.count("Tanh") == 2 and "Where" in types  # DyT and SmeLU as elementwise ops
+    for batch in (2, 5):
+        result = check_onnx(model, path, torch.randn(batch, 7, 16))
+        assert result.passed, str(result)
+
+
+def test_static_batch_is_fixed(tmp_path):
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    path = tmp_path / "static.onnx"
+    export_onnx(optimize(model, x), x, path, dynamic_batch=False)
+    dims = onnx.load(path).graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_value for d in dims] == [2, 3, 8, 8]
+    assert check_onnx(model, path, torch.randn(2, 3, 8, 8)).passed
+    with pytest.raises(Exception):
+        check_onnx(model, path, torch.randn(3, 3, 8, 8))
+
+
+def test_check_reports_a_mismatch(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)).eval()
+    x = torch.randn(2, 4)
+    path = tmp_path / "mlp.onnx"
+    export_onnx(model, x, path)
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        other[2].bias.add_(0.1)
+    result = check_onnx(other, path, x)
+    assert not result.passed
+    assert abs(result.outputs["out"].max_abs - 0.1) < 1e-5
+    with pytest.raises(VerificationError):
+        check_onnx(other, path, x, raise_on_fail=True)
+
+
+def test_multiple_outputs_are_named_like_verify(tmp_path):
+    class TwoHeads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 3), nn.Linear(4, 2)
+
+        def forward(self, x):
+            return {"left": self.a(x), "right": torch.tanh(self.b(x))}
+
+    model = TwoHeads().eval()
+    x = torch.randn(3, 4)
+    path = tmp_path / "two.onnx"
+    export_onnx(model, x, path)
+    result = check_onnx(model, path, torch.randn(6, 4))
+    assert result.passed and set(result.outputs) == {"out.left", "out.right"}
+
+
+def test_non_standard_domain_is_refused(tmp_path):
+    node = helper.make_node("FusedThing", ["x"], ["y"], domain="com.example")
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.example", 1)])
+    with pytest.raises(OnnxExportError, match="com.example::FusedThing"):
+        onnx_export.check_domains(proto, "custom.onnx")
+
+
+def test_export_failure_is_a_clear_error(tmp_path):
+    class Bad(nn.Module):
+        def forward(self, x):
+            if x.sum() > 0:  # control flow on a value: no single graph
+                return x
+            return -x
+    with pytest.raises(OnnxExportError, match="torch.onnx.export failed"):
+        export_onnx(Bad().eval(), torch.randn(2, 3), tmp_path / "bad.onnx")
+
+
+def test_lowered_model_exports(tmp_path):
+    codegen = pytest.importorskip("codegen")
+    if not hasattr(codegen, "lower_to_triton"):
+        pytest.skip("codegen.lower_to_triton is not there yet")
+    torch.manual_seed(0)
+    model = TinyTransformer().eval()
+    x = torch.randn(2, 7, 16)
+    fast = optimize(model, x, lower="triton")
+    fused = [n for n in fast.graph.nodes if getattr(n.target, "namespace", None) == "fxrewrite"]
+    assert fused, "nothing was lowered: this test would prove nothing"
+    path = tmp_path / "lowered.onnx"
+    info = export_onnx(fast, x, path)  # fused regions export as their eager meaning
+    assert _domains(path) <= onnx_export.STANDARD_DOMAINS
+    assert info.op_counts.get("LayerNormalization") == 2
+    result = check_onnx(model, path, torch.randn(3, 7, 16))
+    assert result.passed, str(result)
