@@ -20,10 +20,11 @@ import operator
 
 import torch.fx as fx
 
+from rewrite.lift_norms import lift_decomposed_norms
 from rewrite.report import Report
 
 from .ir import dumps, spec_hash
-from .regions import NotFusable, Region, describe_norm, find_regions, grow
+from .regions import NotFusable, Region, describe_norm, find_regions, grow, is_meta_check
 
 PASS_NAME = "lower_triton"
 
@@ -44,6 +45,9 @@ def lower_to_triton(gm: fx.GraphModule, report: Report) -> list[Region]:
     """
     op = fused_region_op()
     lowered = []
+    # exported LLMs write RMSNorm out as pow/mean/rsqrt/mul: lift it first (exact), or no
+    # region would ever match them; a graph already lifted has nothing left to lift
+    lift_decomposed_norms(gm, report)
     norm_nodes = [n for n in gm.graph.nodes if _is_norm(gm, n)]
     for node in norm_nodes:
         try:
@@ -96,8 +100,10 @@ def _replace(gm: fx.GraphModule, region: Region, op):
             getters.append(g)
     for out, g in zip(region.outputs, getters):
         for user in list(out.users):
-            if user not in members:
+            if user not in members and not is_meta_check(user):
                 user.replace_input_with(out, g)
     for n in sorted(region.nodes, key=order.get, reverse=True):
+        for check in [u for u in n.users if is_meta_check(u)]:
+            graph.erase_node(check)
         graph.erase_node(n)
     call._rename(f"fused_{region.norm.name}")

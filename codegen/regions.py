@@ -141,6 +141,8 @@ def describe(gm: fx.GraphModule, node: fx.Node) -> Described:
         if _is(mod, SmeLU) and len(node.args) == 1 and not node.kwargs:
             return Described("smelu", [Operand(node=node.args[0]), Operand(attr=f"{node.target}.beta")], {})
         raise NotFusable(f"module {type(mod).__name__} is not an elementwise op the emitter knows")
+    if node.op == "call_method":
+        return _describe_method_cast(node)
     if node.op != "call_function":
         raise NotFusable(f"{node.op} node")
     t = node.target
@@ -166,7 +168,34 @@ def describe(gm: fx.GraphModule, node: fx.Node) -> Described:
         if extra or dt not in FLOATS:
             raise NotFusable(f"_to_copy with {extra or dt}: only a float dtype change is fused")
         return Described("cast", [Operand(node=ops_arg(node, "self"))], {"dtype": str(dt).replace("torch.", "")})
+    if t is aten.to.dtype:  # what torch.export records for x.to(dtype) (LLaMA's RMSNorm casts)
+        dt = node.args[1] if len(node.args) > 1 else node.kwargs.get("dtype")
+        if dt not in FLOATS or any(node.kwargs.get(k) not in (None, False) for k in ("copy", "memory_format")):
+            raise NotFusable(f"aten.to with {dt}: only a plain float dtype change is fused")
+        return _cast(node.args[0], dt)
     raise NotFusable(f"{ops.short_name(t)} is not an elementwise op the emitter knows")
+
+
+_METHOD_CASTS = {"float": torch.float32, "double": torch.float64, "half": torch.float16,
+                 "bfloat16": torch.bfloat16}
+
+
+def _cast(x, dt) -> Described:
+    if not isinstance(x, fx.Node):
+        raise NotFusable("cast of a non-tensor")
+    return Described("cast", [Operand(node=x)], {"dtype": str(dt).replace("torch.", "")})
+
+
+def _describe_method_cast(node: fx.Node) -> Described:
+    """`x.float()`, `x.half()`, `x.to(torch.float32)` as symbolic_trace records them (the
+    canonicaliser leaves these methods alone): a cast, when the only argument is a float dtype."""
+    if node.target in _METHOD_CASTS and len(node.args) == 1 and not node.kwargs:
+        return _cast(node.args[0], _METHOD_CASTS[node.target])
+    if node.target == "to":
+        rest = list(node.args[1:]) + list(node.kwargs.values())
+        if len(rest) == 1 and rest[0] in FLOATS and set(node.kwargs) <= {"dtype"}:
+            return _cast(node.args[0], rest[0])
+    raise NotFusable(f"method {node.target} is not an elementwise op the emitter knows")
 
 
 def ops_arg(node, name):
@@ -176,10 +205,18 @@ def ops_arg(node, name):
     return v
 
 
+# norm modules the canonicaliser may leave as modules (BatchNorm in training mode, GroupNorm,
+# InstanceNorm): reported as norms that were not lowered, so the report names every norm
+_OTHER_NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.RMSNorm)
+
+
 def describe_norm(gm: fx.GraphModule, node: fx.Node) -> Described | None:
     """The IR op for a norm node; None if the node is no norm; NotFusable if it cannot be fused."""
     if node.op == "call_module":
         mod = _module(gm, node)
+        if isinstance(mod, _OTHER_NORMS):
+            what = "in training mode" if mod.training else "not canonicalised to a norm op"
+            raise NotFusable(f"{type(mod).__name__} kept as a module ({what}): no kernel template for it")
         if not _is(mod, DyT):
             return None
         if len(node.args) != 1 or node.kwargs:
@@ -269,6 +306,17 @@ class _Grower:
         return False
 
 
+def is_meta_check(node: fx.Node) -> bool:
+    """torch.export's `_assert_tensor_metadata(x, dtype=...)`: a check, not a reader of x's value
+    (a region keeps every value's dtype, so the check is dropped with the node it checks)."""
+    return node.op == "call_function" and node.target is aten._assert_tensor_metadata.default
+
+
+def readers(node: fx.Node) -> list[fx.Node]:
+    """Users that read `node`'s value (metadata checks left out)."""
+    return [u for u in node.users if not is_meta_check(u)]
+
+
 def _broadcasts(shape, domain) -> bool:
     if len(shape) > len(domain):
         return False
@@ -301,7 +349,7 @@ def grow(gm: fx.GraphModule, norm: fx.Node, nd: Described, claimed: set) -> Regi
         d = g.fits(p, domain)
         if d is None:
             continue
-        if p is not x and any(u not in region for u in p.users):
+        if p is not x and any(u not in region for u in readers(p)):
             continue
         region.add(p)
         described[p] = d
@@ -310,7 +358,7 @@ def grow(gm: fx.GraphModule, norm: fx.Node, nd: Described, claimed: set) -> Regi
     first = min(g.order[n] for n in region)
     # epilogue, forwards
     epilogue: list[fx.Node] = []
-    frontier = sorted(norm.users, key=g.order.get)
+    frontier = sorted(readers(norm), key=g.order.get)
     while frontier and len(epilogue) < MAX_EPILOGUE:
         c = frontier.pop(0)
         if c in region:
@@ -324,10 +372,10 @@ def grow(gm: fx.GraphModule, norm: fx.Node, nd: Described, claimed: set) -> Regi
         region.add(c)
         described[c] = d
         epilogue.append(c)
-        frontier = sorted(set(frontier) | set(c.users), key=g.order.get)
+        frontier = sorted(set(frontier) | set(readers(c)), key=g.order.get)
 
     def outputs_of(nodes):
-        return [n for n in sorted(nodes, key=g.order.get) if any(u not in nodes for u in n.users)]
+        return [n for n in sorted(nodes, key=g.order.get) if any(u not in nodes for u in readers(n))]
 
     def valid(nodes) -> bool:
         outs = outputs_of(nodes)
@@ -338,7 +386,7 @@ def grow(gm: fx.GraphModule, norm: fx.Node, nd: Described, claimed: set) -> Regi
         anchor = min((g.order[n] for n in nodes if g.order[n] > last_input), default=None)
         if anchor is None:
             return False
-        return all(g.order[u] >= anchor for o in outs for u in o.users if u not in nodes)
+        return all(g.order[u] >= anchor for o in outs for u in readers(o) if u not in nodes)
 
     while not valid(region) and epilogue:
         region.discard(epilogue.pop())

@@ -99,5 +99,5 @@ BATCHNORM_FOLDING = Pass(
      Rule("fold_bn_into_linear", LINEAR_BN, fold_bn_into_linear, check=linear_output_is_2d)],
     exactness="exact",
     doc=__doc__,
-    miss_note="the BatchNorm stays as one aten.batch_norm (a single fused per-channel multiply-add in eager)",
+    miss_note="the BatchNorm stays as it is (one aten.batch_norm)",
 )

@@ -34,6 +34,8 @@ def module_path(node: fx.Node) -> str | None:
     src = node.meta.get("source_module")
     if src:
         return src
+    if node.op == "call_module":
+        return node.target
     stack = node.meta.get("nn_module_stack")
     if stack:
         path = list(stack.values())[-1][0]
@@ -43,6 +45,8 @@ def module_path(node: fx.Node) -> str | None:
 
 def module_class(node: fx.Node) -> type | None:
     """The class of the module `node` came from, where it can be known."""
+    if node.op == "call_module" and node.graph.owning_module is not None:
+        return type(node.graph.owning_module.get_submodule(node.target))
     stack = node.meta.get("nn_module_stack")
     if not stack:
         return None
@@ -120,10 +124,12 @@ class _Recorder(fx.Interpreter):
         self.wanted, self.seen = wanted, {}
 
     def run_node(self, n):
+        if n in self.wanted:  # the input is kept before the op runs: an in-place op changes it
+            a = self.wanted[n]
+            kept = _detach(self.env[a] if isinstance(a, fx.Node) else a)
         out = super().run_node(n)
         if n in self.wanted:
-            a = self.wanted[n]
-            self.seen[n] = (_detach(self.env[a] if isinstance(a, fx.Node) else a), _detach(out))
+            self.seen[n] = (kept, _detach(out))
         return out
 
 
@@ -176,6 +182,9 @@ def fmt_dev(d: tuple[float, float]) -> str:
     return f"max abs {d[0]:.3g}, max rel {d[1]:.3g}"
 
 
-def nodes_with(gm: fx.GraphModule, targets: Iterable) -> list[fx.Node]:
+def nodes_with(gm: fx.GraphModule, targets: Iterable, other_forms=None) -> list[fx.Node]:
+    """Live canonical nodes of `targets`, and the nodes `other_forms(node)` accepts (with or
+    without users: an in-place op acts through the value it mutates)."""
     targets = set(targets)
-    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target in targets and n.users]
+    return [n for n in gm.graph.nodes if (n.op == "call_function" and n.target in targets and n.users)
+            or (other_forms is not None and other_forms(n))]

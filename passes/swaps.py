@@ -36,6 +36,7 @@ from typing import Callable
 import torch
 import torch.fx as fx
 import torch.nn as nn
+import torch.nn.functional as F
 
 from rewrite import ops
 from rewrite.nn import DyT, GeneralizedSmeLU, SmeLU
@@ -61,14 +62,17 @@ class Plan:
         return y + rw.value(self.bias) if self.bias is not None else y
 
 
-def swap_pass(name: str, targets, input_arg: str, plan: Callable, suffix: str, only, doc: str) -> Pass:
+def swap_pass(name: str, targets, input_arg: str, plan: Callable, suffix: str, only, doc: str,
+              other_forms: Callable[[fx.Node], bool] | None = None) -> Pass:
     """A Pass that replaces each selected op of `targets` by the module `plan(rw, node)` gives
-    (or skips it with the reason `plan` returns), measuring each swap."""
+    (or skips it with the reason `plan` returns), measuring each swap. `other_forms` also
+    matches non-canonical nodes of the same op (an in-place ReLU that canonicalisation kept as
+    written); their input is their first argument."""
     select = Selector(only)
     kinds = "/".join(ops.short_name(t) for t in targets)
 
     def graph_fn(gm: fx.GraphModule, rw):
-        nodes = nodes_with(gm, targets)
+        nodes = nodes_with(gm, targets, other_forms)
         if not nodes:
             rw.report.note(name, "model", f"nothing to swap: the graph has no {kinds}")
             return
@@ -85,10 +89,11 @@ def swap_pass(name: str, targets, input_arg: str, plan: Callable, suffix: str, o
         if not plans:
             rw.report.note(name, "model", f"nothing swapped: none of the {len(nodes)} {kinds} qualified")
             return
-        outputs, seen = run_recording(gm, {n: ops.arg(n, input_arg) for n in plans})
+        inputs = {n: _input(n, input_arg) for n in plans}
+        outputs, seen = run_recording(gm, inputs)
         for n, p in plans.items():
             _to_like(p.module, n)
-            new = install(rw.at(n), n, p.module, suffix, (ops.arg(n, input_arg),))
+            new = install(rw.at(n), n, p.module, suffix, (inputs[n],))
             if p.reference is not None:
                 gm.meta.setdefault("swapped_norms", {})[new.target] = _to_like(p.reference, n)
             if p.bias is not None:
@@ -108,6 +113,13 @@ def swap_pass(name: str, targets, input_arg: str, plan: Callable, suffix: str, o
             rw.report.note(name, "model", f"{len(plans)} swapped; model output deviation on the example inputs: {what}")
 
     return Pass(name, [], exactness="approximate", doc=doc, graph_fn=graph_fn)
+
+
+def _input(n: fx.Node, input_arg: str):
+    """The tensor a swapped op reads: its schema argument if canonical, else its first argument."""
+    if n.op == "call_function" and n.target in ops.CANONICAL:
+        return ops.arg(n, input_arg)
+    return n.args[0] if n.args else n.kwargs.get("input")
 
 
 def _to_like(module: nn.Module, node: fx.Node) -> nn.Module:
@@ -135,15 +147,48 @@ def _constant(rw, node: fx.Node, arg: str):
 
 # ---------------------------------------------------------------- ReLU -> SmeLU
 
+_INPLACE_RELU_FUNCTIONS = {torch.relu_, torch.ops.aten.relu_.default, F.relu}
+_ALIASING = {"alias", "view", "reshape", "_unsafe_view", "flatten", "transpose", "permute", "expand", "contiguous",
+             "to", "type_as", "getitem", "detach", "unsqueeze", "squeeze", "slice", "select", "call_module"}
+
+
+def _inplace_relu(n: fx.Node) -> bool:
+    """A ReLU that canonicalisation kept in place (its input is not a fresh value of the graph,
+    e.g. timm's `drop_block` Identity -> alias -> ReLU(inplace=True))."""
+    if n.op == "call_module":
+        mod = n.graph.owning_module.get_submodule(n.target)
+        return type(mod).forward is nn.ReLU.forward
+    if n.op == "call_method":
+        return n.target in ("relu", "relu_")
+    return n.op == "call_function" and n.target in _INPLACE_RELU_FUNCTIONS
+
+
+def _mutation_observed(n: fx.Node) -> str | None:
+    """Why replacing an in-place ReLU `n` by an out-of-place module would change what someone
+    sees, or None: the value it mutates, and every value that may alias it, must be read by
+    nothing else and must not be a model input or parameter."""
+    v = n.args[0] if n.args else n.kwargs.get("input")
+    while isinstance(v, fx.Node):
+        if len(v.users) != 1:
+            return f"it works in place on {v.name}, which is also read by {len(v.users) - 1} other op(s)"
+        if v.op in ("placeholder", "get_attr"):
+            return f"it works in place on {v.op} {v.target} (a model input or parameter)"
+        if _op_name(v) not in _ALIASING:
+            return None  # a fresh value, read only on the way to this ReLU
+        v = v.args[0] if v.args else None
+    return None
+
 def relu_to_smelu(beta: float = 1.0, learnable: bool = False, only=None) -> Pass:
     """ReLU -> SmeLU(beta) (see the module docstring); `only` limits it (type, name, regex)."""
     if not beta > 0:
         raise ValueError(f"SmeLU needs beta > 0, got {beta}")
 
     def plan(rw, n):
+        if _inplace_relu(n) and (why := _mutation_observed(n)):
+            return f"an in-place ReLU whose mutation is observed: {why}"
         return Plan(SmeLU(beta, learnable), f"SmeLU beta={beta:g}: differs by at most {beta / 4:g} on |x| < {beta:g}")
 
-    return swap_pass("relu_to_smelu", [ops.relu], "self", plan, "smelu", only, __doc__)
+    return swap_pass("relu_to_smelu", [ops.relu], "self", plan, "smelu", only, __doc__, _inplace_relu)
 
 
 def relu_to_generalized_smelu(alpha: float = 1.0, beta: float = 1.0, g_left: float = 0.0, g_right: float = 1.0,
@@ -152,10 +197,13 @@ def relu_to_generalized_smelu(alpha: float = 1.0, beta: float = 1.0, g_left: flo
     GeneralizedSmeLU(alpha, beta, g_left, g_right)  # validate now, not at the first match
 
     def plan(rw, n):
+        if _inplace_relu(n) and (why := _mutation_observed(n)):
+            return f"an in-place ReLU whose mutation is observed: {why}"
         return Plan(GeneralizedSmeLU(alpha, beta, g_left, g_right, learnable),
                     f"GeneralizedSmeLU alpha={alpha:g} beta={beta:g} g_left={g_left:g} g_right={g_right:g}")
 
-    return swap_pass("relu_to_generalized_smelu", [ops.relu], "self", plan, "gsmelu", only, __doc__)
+    return swap_pass("relu_to_generalized_smelu", [ops.relu], "self", plan, "gsmelu", only, __doc__,
+                     _inplace_relu)
 
 
 # ---------------------------------------------------------------- LayerNorm -> RMSNorm (plain)
@@ -264,6 +312,9 @@ def norm_to_dyt(alpha: float | str = 0.5, attention_alpha: float | None = None, 
     by width; `attention_alpha`: a separate alpha0 for norms that feed attention."""
     if alpha != "llm" and not isinstance(alpha, (int, float)):
         raise ValueError(f"alpha must be a number or 'llm', got {alpha!r}")
+    for label, v in (("alpha", alpha), ("attention_alpha", attention_alpha)):
+        if isinstance(v, (int, float)) and not v > 0:  # tanh(0 x) = 0: the layer would output its bias only
+            raise ValueError(f"{label} must be > 0, got {v}")
     targets = [{"layer_norm": ops.layer_norm, "rms_norm": ops.rms_norm}[k] for k in norms]
 
     def plan(rw, n):

@@ -95,6 +95,11 @@ def _drop_unused_tensors(gm: fx.GraphModule, report: Report, before: set[str], d
         for src in d.sources:
             if isinstance(src, str):
                 absorbed.setdefault(src, []).append(d.target)
+    # intermediates a pass derived and a later pass absorbed (BN-folded weights merged into one
+    # conv): ours, not the user's, so they go without a record of their own
+    for d in derivations:
+        if d.target not in before and not needed(d.target) and hasattr(gm, d.target):
+            delattr(gm, d.target)
     gone: dict[str, list[str]] = {}  # owner module -> attributes removed
     for name in sorted(before):
         if needed(name):

@@ -15,6 +15,9 @@ When it freezes, and when it does not (the graph then passes through unchanged):
   * a batch norm in training mode: it updates its running statistics, nothing is folded;
   * a parameter/buffer the graph mutates in place is never frozen.
 
+If the pipeline raises on a graph, that graph is compiled unchanged, with a warning: an
+optimisation bug must not stop the user's model from compiling.
+
 Frozen weights are assumed not to change (Inductor's freezing assumes the same). A cheap guard
 checks it on every call: if any frozen tensor was replaced or modified in place since compile
 time (its `_version` moved: `optimizer.step()`, `load_state_dict`), the call runs Dynamo's
@@ -41,6 +44,7 @@ from typing import Callable
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
+from torch.fx.passes.shape_prop import TensorMetadata
 
 from .report import Report
 
@@ -79,7 +83,14 @@ def rewrite_backend(gm: fx.GraphModule, example_inputs, **kwargs) -> Callable:
         return compiler(gm, list(example_inputs))
 
     work, frozen = freeze_parameters(gm, placeholders, example_inputs, report)
-    run_pipeline(work, selected, report, lower=options.get("lower"))
+    try:
+        run_pipeline(work, selected, report, lower=options.get("lower"))
+    except Exception as e:  # an optimisation bug must not break the user's compile: run Dynamo's graph
+        detail = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+        report.note("backend", "graph", f"passed through unchanged: the pipeline failed ({detail})")
+        warnings.warn(f"rewrite backend: the rewrite pipeline failed on a graph ({detail}); compiling it unchanged")
+        _print(options, report)
+        return compiler(gm, list(example_inputs))
     _print(options, report)
     kept = [x for i, x in enumerate(example_inputs) if i not in frozen]
     compiled = compiler(work, kept)
@@ -150,6 +161,26 @@ def _attr_name(placeholder: str, taken: set[str]) -> str:
     return name
 
 
+# Dynamo records some calls under names canonicalisation does not list (nn.RMSNorm becomes
+# `torch.rms_norm`); rename them to the functional spelling it knows, same signature.
+_DYNAMO_SPELLINGS = {torch.rms_norm: F.rms_norm}
+
+
+def _export_style_meta(node: fx.Node):
+    """Dynamo's fake value is `example_value`; the passes (and the Rewriter, which carries
+    metadata over to replacement nodes) read export's `val` and `symbolic_trace` + ShapeProp's
+    `tensor_meta`, so give the node both. The shape may hold SymInts (dynamic batch);
+    nothing here asks a symbolic question (no contiguity check), so no shape guard is added."""
+    val = node.meta.get("example_value") if node.meta.get("val") is None else node.meta["val"]
+    if val is None:
+        return
+    node.meta["val"] = val
+    if isinstance(val, torch.Tensor) and "tensor_meta" not in node.meta:
+        node.meta["tensor_meta"] = TensorMetadata(shape=val.shape, dtype=val.dtype, requires_grad=val.requires_grad,
+                                                  stride=tuple(val.stride()), memory_format=None,
+                                                  is_quantized=False, qparams={})
+
+
 def freeze_parameters(gm: fx.GraphModule, placeholders, example_inputs, report: Report):
     """A copy of `gm` where each parameter/buffer placeholder not mutated by the graph is a
     `get_attr` buffer holding the real tensor (detached: same storage, no autograd). Returns
@@ -157,6 +188,10 @@ def freeze_parameters(gm: fx.GraphModule, placeholders, example_inputs, report: 
     graph = fx.Graph()
     remap: dict[fx.Node, fx.Node] = {}
     graph.output(graph.graph_copy(gm.graph, remap))
+    for node in graph.nodes:
+        _export_style_meta(node)
+        if node.op == "call_function" and node.target in _DYNAMO_SPELLINGS:
+            node.target = _DYNAMO_SPELLINGS[node.target]
     work = fx.GraphModule(gm, graph, "RewriteFrozen")
     frozen: list[int] = []
     taken = set(dict(work.named_children())) | {n for n, _ in work.named_buffers()} | {

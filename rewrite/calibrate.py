@@ -46,6 +46,7 @@ class LayerCalibration:
     holdout_before: float | None = None  # relative error on held-out batches
     holdout_after: float | None = None
     rows: int = 0
+    note: str = ""  # e.g. why the affine was not fitted
 
 
 @dataclass
@@ -61,7 +62,8 @@ class CalibrationReport:
         for r in self.layers:
             held = (f"{r.holdout_before:.4f} -> {r.holdout_after:.4f}" if r.holdout_before is not None else "-")
             lines.append(f"{r.name:<{w}} {r.alpha_before:7.3f} -> {r.alpha_after:7.3f} "
-                         f"{r.error_before:8.4f} -> {r.error_after:.4f} {held:>19}")
+                         f"{r.error_before:8.4f} -> {r.error_after:.4f} {held:>19}"
+                         + (f"  ({r.note})" if r.note else ""))
         if self.output_before is not None:
             lines.append(f"model output max rel deviation from the reference ({self.data}): "
                          f"{self.output_before:.4f} -> {self.output_after:.4f}")
@@ -147,11 +149,16 @@ def _fit_alpha(x, t, w, b, fit_affine: bool, alpha0: float):
     return cand
 
 
-def _dyt_error(dyt: DyT, ref: nn.Module, x) -> float:
+def _params(dyt: DyT):
+    """(alpha, w, b) of a DyT, detached float64 copies."""
+    b = dyt.bias.detach().double().clone() if dyt.bias is not None else None
+    return float(dyt.alpha.detach()), dyt.weight.detach().double().clone(), b
+
+
+def _dyt_error(dyt: DyT, ref: nn.Module, x, params=None) -> float:
+    alpha, w, b = params if params is not None else _params(dyt)
     with torch.no_grad():
-        w = dyt.weight.detach().double()
-        b = dyt.bias.detach().double() if dyt.bias is not None else None
-        y = torch.tanh(float(dyt.alpha) * x) * w + (b if b is not None else 0)
+        y = torch.tanh(alpha * x) * w + (b if b is not None else 0)
         return _rel_error(y, ref.double()(x))
 
 
@@ -177,14 +184,18 @@ def _output_deviation(ref_outs, outs) -> float:
 
 def calibrate(model: nn.Module, batches, *, fit_affine: bool = False, holdout=None, reference: nn.Module | None = None,
               norms: dict[str, nn.Module] | None = None, sequential: bool = True,
-              max_rows: int = 20000) -> CalibrationReport:
+              max_rows: int = 20000, min_affine_rows: int = 64) -> CalibrationReport:
     """Fit each DyT's alpha (and with `fit_affine`, its weight and bias) to the outputs of the norm
     it replaced, on `batches` (a list of model inputs: tensors, tuples or keyword dicts).
 
     `norms` maps DyT module names to the norm modules they stand for; by default the record the
     swap left in `model.meta["swapped_norms"]`. `holdout`: more batches, used only to measure
-    each layer's error before and after. `reference`: the original model; the report then gives
+    each layer's error with its initial and its fitted parameters, both on the held-out inputs it
+    sees in the calibrated model (so that only the fit differs). `reference`: the original model; the report then gives
     the model output's max relative deviation from it before and after (on `holdout` if given).
+    `min_affine_rows`: with `fit_affine`, a layer that saw fewer rows (e.g. a norm after global
+    pooling, one row per image) gets alpha only: a weight and bias per channel fitted on a
+    handful of rows interpolate them and generalise badly.
     """
     batches = list(batches)
     holdout = list(holdout) if holdout is not None else None
@@ -212,7 +223,7 @@ def calibrate(model: nn.Module, batches, *, fit_affine: bool = False, holdout=No
     ref_outs = _outputs(reference, eval_data) if reference is not None else None
     if ref_outs is not None:
         report.output_before = _output_deviation(ref_outs, _outputs(model, eval_data))
-    held_before = {n: _dyt_error(d, r, _collect(model, d, holdout, max_rows)) for n, d, r in layers} if holdout else {}
+    initial = {n: _params(d) for n, d, _ in layers}
 
     fit_inputs = None if sequential else {n: _collect(model, d, batches, max_rows) for n, d, _ in layers}
     for name, dyt, ref in layers:
@@ -221,22 +232,26 @@ def calibrate(model: nn.Module, batches, *, fit_affine: bool = False, holdout=No
             t = ref(x)
             w = dyt.weight.detach().double()
             b = dyt.bias.detach().double() if dyt.bias is not None else None
-            a0 = float(dyt.alpha)
+            a0 = float(dyt.alpha.detach())
             before = _dyt_error(dyt, ref, x)
-            alpha = _fit_alpha(x, t, w, b, fit_affine, a0)
-            _, w_new, b_new = _error_at(alpha, x, t, w, b, fit_affine)
+            affine = fit_affine and x.shape[0] >= min_affine_rows
+            note = "" if affine or not fit_affine else \
+                f"alpha only: {x.shape[0]} rows < min_affine_rows={min_affine_rows} for a per-channel w, b"
+            alpha = _fit_alpha(x, t, w, b, affine, a0)
+            _, w_new, b_new = _error_at(alpha, x, t, w, b, affine)
             dyt.alpha.fill_(alpha)
-            if fit_affine:
+            if affine:
                 dyt.weight.copy_(w_new)
                 if dyt.bias is not None:
                     dyt.bias.copy_(b_new)
             after = _dyt_error(dyt, ref, x)
-        report.layers.append(LayerCalibration(name, a0, alpha, before, after, rows=x.shape[0]))
+        report.layers.append(LayerCalibration(name, a0, alpha, before, after, rows=x.shape[0], note=note))
 
-    if holdout:
+    if holdout:  # both on the held-out inputs the layer sees in the calibrated model: only the fit differs
         for row, (name, dyt, ref) in zip(report.layers, layers):
-            row.holdout_before = held_before[name]
-            row.holdout_after = _dyt_error(dyt, ref, _collect(model, dyt, holdout, max_rows))
+            xh = _collect(model, dyt, holdout, max_rows)
+            row.holdout_before = _dyt_error(dyt, ref, xh, initial[name])
+            row.holdout_after = _dyt_error(dyt, ref, xh)
     if ref_outs is not None:
         report.output_after = _output_deviation(ref_outs, _outputs(model, eval_data))
     return report

@@ -425,12 +425,21 @@ def canonicalize(gm: fx.GraphModule, report: Report) -> fx.GraphModule:
             _redirect_later_readers(gm.graph, node.args[0], new, node)
         name = node.name
         gm.graph.erase_node(node)
+        _free_name(gm.graph, name)
         new._rename(name)  # keep the user's names (conv1, layer1_0_bn1) in reports
     _merge_getitem_bn(gm.graph)
     _fold_rank_checks(gm.graph)
     eliminate_dead_code(gm.graph)
     gm.graph.lint()
     return gm
+
+
+def _free_name(graph: fx.Graph, name: str):
+    """Let a replacement take an erased node's name (fx never frees names, so it would get
+    `bn1_1`). Best effort: fx keeps used names in a private set."""
+    used = getattr(graph._graph_namespace, "_used_names", None)
+    if isinstance(used, set):
+        used.discard(name)
 
 
 def _convert(ctx: _Ctx, node: fx.Node, mod):

@@ -90,35 +90,28 @@ def median_latency(model, inputs, runs: int) -> float:
     return statistics.median(times)
 
 
-def graph_to_dot(graph) -> str:
-    """DOT text of an FX graph; uses `rewrite.graphview.to_dot` when that module exists."""
-    try:
-        from .graphview import to_dot
-    except ImportError:
-        to_dot = None
-    if to_dot is not None:
-        return to_dot(graph)
-    from .ops import short_name  # a minimal drawing: one box per node, one edge per input
-    lines = ["digraph G {", "  node [shape=box, fontname=Helvetica];"]
-    for n in graph.nodes:
-        label = n.name if n.op in ("placeholder", "get_attr", "output") else f"{n.name}\\n{short_name(n.target)}"
-        lines.append(f'  "{n.name}" [label="{label}"];')
-        lines += [f'  "{i.name}" -> "{n.name}";' for i in n.all_input_nodes]
-    lines.append("}")
-    return "\n".join(lines) + "\n"
-
-
 def _write_drawing(graph, path: str) -> str:
-    dot_text = graph_to_dot(graph)
+    """Write `graph` to `path`: DOT text (`rewrite.graphview.to_dot`), rendered to SVG by
+    graphviz's `dot` when the path ends in .svg. Without `dot` the DOT text goes to the same
+    name with a .dot suffix, and a line on stderr says so. Returns the path written."""
+    from .graphview import to_dot
+    dot_text = to_dot(graph)
     if path.endswith(".svg"):
         if shutil.which("dot") is None:
-            path = path[:-4] + ".dot"
-            print(f"[rewrite] graphviz 'dot' not found: writing DOT to {path}", file=sys.stderr)
+            svg, path = path, path[:-4] + ".dot"
+            print(f"[rewrite] graphviz 'dot' not found: writing DOT to {path} instead "
+                  f"(render it later with: dot -Tsvg {path} -o {svg})", file=sys.stderr)
         else:
-            subprocess.run(["dot", "-Tsvg", "-o", path], input=dot_text.encode(), check=True)
+            done = subprocess.run(["dot", "-Tsvg", "-o", path], input=dot_text.encode(), capture_output=True)
+            if done.returncode != 0:
+                raise UsageError(f"graphviz 'dot' failed to draw {path}: "
+                                 f"{done.stderr.decode(errors='replace').strip()[:300]}")
             return path
-    with open(path, "w") as f:
-        f.write(dot_text)
+    try:
+        with open(path, "w") as f:
+            f.write(dot_text)
+    except OSError as e:
+        raise UsageError(f"cannot write the drawing to {path}: {e.strerror}") from None
     return path
 
 
@@ -134,7 +127,8 @@ def _parser() -> argparse.ArgumentParser:
     o.add_argument("--opset", type=int, help="ONNX opset (default: 23 where onnxruntime runs RMSNormalization, else 18)")
     o.add_argument("--static-batch", action="store_true", help="export ONNX with a fixed batch size")
     o.add_argument("--check", action="store_true", help="exit with status 1 if any result is past tolerance")
-    o.add_argument("--draw", metavar="GRAPH.dot", help="write the optimized graph as DOT (.svg needs graphviz)")
+    o.add_argument("--draw", metavar="GRAPH.svg", help="draw the optimized graph: .svg is rendered with graphviz "
+                   "'dot' (without it the DOT text is written to GRAPH.dot); any other name gets DOT text")
     o.add_argument("--runs", type=int, default=5, help="timed runs for the latency medians (default 5)")
     o.add_argument("--seed", type=int, default=0, help="seed for weights' factory and inputs (default 0)")
     return p
@@ -154,6 +148,9 @@ def _optimize(args) -> int:
     factory = load_factory(args.factory)
     if args.runs < 1:
         raise UsageError("--runs must be at least 1")
+    for flag, path in (("--onnx", args.onnx), ("--draw", args.draw)):  # fail now, not after the long steps
+        if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+            raise UsageError(f"{flag} {path}: directory {os.path.dirname(os.path.abspath(path))!r} does not exist")
     import torch
     import torch.nn as nn
 

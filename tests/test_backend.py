@@ -79,11 +79,12 @@ def test_eval_graph_reaches_compiler_with_bn_folded_and_equal_outputs():
     with torch.no_grad():
         out = _compile(model, compiler=rec)(x)
         ref = model(x)
-    assert rec.count(*CONV_TARGETS) == 3
+    # three BNs folded; conv2 and the identity branch of `z += y` merged into one conv (as `optimize` does)
+    assert rec.count(*CONV_TARGETS) == 2
     assert rec.count(*BN_TARGETS) == 0
     assert (out - ref).abs().max() / ref.abs().max() < 1e-12
     report = backend.last_report()
-    assert report.count("fold_batchnorm") == 3
+    assert report.count("fold_batchnorm") == 3 and report.count("merge_branches") == 1
     # the user's model is untouched
     for k, v in model.state_dict().items():
         assert torch.equal(v, state[k]), k
@@ -154,7 +155,29 @@ def test_passes_option_and_resnet18_counts():
         assert rec.count(ops.conv) == 20 and rec.count(ops.batch_norm) == 20
 
 
-def test_inductor_end_to_end():
+def test_graph_reaching_inductor_is_folded_and_inductor_output_equals_eager():
+    from torch._inductor.compile_fx import compile_fx
+
+    seen = []
+
+    def inductor(gm, example_inputs):  # what Inductor receives, then Inductor itself
+        seen.append(gm)
+        return compile_fx(gm, example_inputs)
+
+    torch.manual_seed(0)
+    model = Net().eval()
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        out = _compile(model, compiler=inductor)(x)
+        ref = model(x)
+    nodes = [n for n in seen[-1].graph.nodes if n.op == "call_function"]
+    assert sum(n.target in CONV_TARGETS for n in nodes) == 2
+    assert sum(n.target in BN_TARGETS for n in nodes) == 0
+    assert backend.last_report().count("fold_batchnorm") == 3
+    assert (out - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+def test_default_compiler_is_inductor():
     torch.manual_seed(0)
     model = Net().eval()
     x = torch.randn(2, 3, 8, 8)
@@ -163,6 +186,79 @@ def test_inductor_end_to_end():
         ref = model(x)
     assert backend.last_report().count("fold_batchnorm") == 3
     assert (out - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+def test_repvgg_branches_merged_also_for_a_dynamic_batch():
+    """Dynamo's graph: the three branches of every timm RepVGG block become one conv; after a
+    second batch size Dynamo recompiles with a symbolic batch, and that graph is merged too."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("repvgg_a0", pretrained=False, num_classes=10).eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+    rec = Recorder()
+    compiled = _compile(model, compiler=rec)
+    with torch.no_grad():
+        for batch in (1, 2, 3):
+            x = torch.randn(batch, 3, 32, 32)
+            out, ref = compiled(x), model(x)
+            assert (out - ref).abs().max() <= 1e-5 * ref.abs().max()
+    assert len(rec.graphs) == 2  # static batch 1, then one graph for any batch
+    dynamic = [n for n in rec.graphs[-1].graph.nodes if n.op == "placeholder"]
+    assert any(isinstance(n.meta.get("example_value"), torch.SymInt) for n in dynamic)
+    for i in (0, 1):
+        assert rec.count(*CONV_TARGETS, i=i) == 22 and rec.count(*BN_TARGETS, i=i) == 0
+    assert backend.last_report().count("merge_branches") == 22
+
+
+class NormNet(nn.Module):
+    """RMSNorm and LayerNorm after residual adds: Dynamo writes `torch.rms_norm` and `F.layer_norm`."""
+
+    def __init__(self, d=16):
+        super().__init__()
+        self.rms, self.fc, self.ln = nn.RMSNorm(d, eps=1e-6), nn.Linear(d, d), nn.LayerNorm(d)
+
+    def forward(self, x):
+        x = x + self.fc(self.rms(x))
+        return self.ln(x + 1.0)
+
+
+def test_lower_option_reaches_compiler_as_fused_regions():
+    pytest.importorskip("codegen")
+    torch.manual_seed(0)
+    model = NormNet().eval()
+    x = torch.randn(2, 5, 16)
+    rec = Recorder()
+    with torch.no_grad():
+        out = _compile(model, compiler=rec, lower="triton")(x)
+        ref = model(x)
+    nodes = [n for n in rec.graphs[-1].graph.nodes if n.op == "call_function"]
+    assert sum(getattr(n.target, "namespace", None) == "fxrewrite" for n in nodes) == 2
+    assert not any(n.target in (ops.rms_norm, ops.layer_norm, torch.rms_norm, F.layer_norm) for n in nodes)
+    assert torch.allclose(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_pipeline_failure_compiles_the_graph_unchanged():
+    from rewrite.passmanager import Pass
+
+    def explode(gm, rw):
+        raise RuntimeError("pass bug")
+
+    broken = Pass("broken", [], "exact", graph_fn=explode)
+    torch.manual_seed(0)
+    model = Net().eval()
+    rec = Recorder()
+    x = torch.randn(1, 3, 8, 8)
+    with torch.no_grad(), pytest.warns(UserWarning, match="pipeline failed.*pass bug"):
+        out = _compile(model, compiler=rec, passes=[broken])(x)
+    assert rec.count(*BN_TARGETS) == 3  # Dynamo's own graph, weights still inputs
+    assert "passed through unchanged" in str(backend.last_report())
+    with torch.no_grad():
+        assert torch.allclose(out, model(x), rtol=1e-5, atol=1e-6)
 
 
 def test_bad_options_are_refused():

@@ -1,4 +1,5 @@
 """The command line: a full run on a tiny model, and one-line errors (exit 2) for bad input."""
+import os
 import subprocess
 import sys
 import textwrap
@@ -76,6 +77,8 @@ def test_full_run(tiny, capsys):
     (["tinynets:convnet", "--input-shape", "1,5,8,8"], "the model fails on inputs of shape [[1, 5, 8, 8]]"),
     (["tinynets:convnet", "--passes", "fold_everything"], "unknown pass or preset 'fold_everything'"),
     (["tinynets:branchy", "--input-shape", "1,4"], "cannot capture the model"),
+    (["tinynets:convnet", "--draw", "no_such_dir/graph.svg"], "--draw no_such_dir/graph.svg: directory"),
+    (["tinynets:convnet", "--runs", "0"], "--runs must be at least 1"),
 ])
 def test_bad_input_is_one_line_exit_2(tiny, capsys, argv, message):
     if "--input-shape" not in argv:
@@ -95,3 +98,43 @@ def test_python_dash_m(tiny):
                           cwd=tiny)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "error vs original (fresh input): PASS" in done.stdout
+
+
+def test_draw_svg_without_graphviz_writes_dot_and_says_so(tiny, capsys, monkeypatch):
+    monkeypatch.setattr("rewrite.cli.shutil.which", lambda name: None)
+    rc = main(["optimize", "tinynets:convnet", "--input-shape", "1,3,8,8", "--runs", "1", "--draw", "graph.svg"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    assert "graphviz 'dot' not found: writing DOT to graph.dot" in err
+    assert "graph drawn to graph.dot" in out and not (tiny / "graph.svg").exists()
+    dot = (tiny / "graph.dot").read_text()
+    assert dot.lstrip().startswith("digraph")
+    assert dot.count("convolution") == 2 and "batch_norm" not in dot  # the optimized graph: BNs folded
+
+
+def test_draw_svg_pipes_dot_text_to_graphviz(tiny, capsys, monkeypatch):
+    """A stand-in `dot` on PATH copies its stdin to the -o file: the DOT text reaches graphviz."""
+    bin_dir = tiny / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "dot"
+    fake.write_text('#!/bin/sh\n[ "$1" = "-Tsvg" ] && [ "$2" = "-o" ] && cat > "$3"\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}")
+    rc = main(["optimize", "tinynets:convnet", "--input-shape", "1,3,8,8", "--runs", "1", "--draw", "graph.svg"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    assert "graph drawn to graph.svg" in out and not (tiny / "graph.dot").exists()
+    assert (tiny / "graph.svg").read_text().lstrip().startswith("digraph")
+
+
+def test_check_fails_with_status_1_when_past_tolerance(tiny, capsys):
+    """An approximate swap changes the function: --check turns the failed comparison into status 1."""
+    rc = main(["optimize", "tinynets:convnet", "--input-shape", "1,3,8,8", "--runs", "1", "--passes",
+               "relu_to_smelu", "--check"])
+    out, err = capsys.readouterr()
+    assert rc == 1
+    assert "error vs original (fresh input): FAIL" in out
+    assert "check failed" in err
+    rc = main(["optimize", "tinynets:convnet", "--input-shape", "1,3,8,8", "--runs", "1", "--passes",
+               "relu_to_smelu"])  # without --check the same run succeeds, reporting the error
+    assert rc == 0

@@ -1,7 +1,7 @@
 """One zoo model through capture -> exact optimize -> verify -> ONNX export -> onnxruntime check.
 
 Each step either passes or records the reason it failed; later steps that need it are marked
-"n/a". Shared by the zoo tests and `bench/zoo.py` (which writes COVERAGE.md).
+"n/a". Shared by the zoo tests and `bench/zoo_coverage.py` (which writes COVERAGE.md).
 """
 from __future__ import annotations
 

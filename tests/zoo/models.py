@@ -2,7 +2,7 @@
 
 Each entry builds a fresh eval-mode model with random BatchNorm statistics and gives example
 inputs. `fast=True` entries run in CI's default test run; the rest are marked slow and run with
-`python bench/zoo.py` (or `pytest tests/zoo -m slow`).
+`python bench/zoo_coverage.py` (or `pytest tests/zoo -m slow`).
 """
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Every zoo model through optimize -> verify -> ONNX; the fast subset runs by default, the rest
-are marked slow (`pytest tests/zoo -m slow`, or `python bench/zoo.py` for the COVERAGE.md table)."""
+are marked slow (`pytest tests/zoo -m slow`, or `python bench/zoo_coverage.py` for the COVERAGE.md table)."""
 from __future__ import annotations
 
 import pytest
