@@ -43,14 +43,15 @@ def fold_weight(w, gamma, var, eps, *, transposed=False, groups=1):
     return out.to(w.dtype)
 
 
-def fold_bias(b, gamma, beta, mean, var, eps):
-    """b' = (b - mean) * s + beta."""
+def fold_bias(b, gamma, beta, mean, var, eps, dtype=None):
+    """b' = (b - mean) * s + beta, in `dtype` (the conv's weight dtype: a bf16 conv after an
+    fp32 BN keeps a bf16 bias)."""
     s = bn_scale(gamma, var, eps)
     b64 = b.double() if b is not None else torch.zeros_like(mean, dtype=torch.float64)
     out = (b64 - mean.double()) * s
     if beta is not None:
         out = out + beta.double()
-    return out.to(mean.dtype)
+    return out.to(dtype or mean.dtype)
 
 
 def _bn(producer):
@@ -71,8 +72,8 @@ def fold_bn_into_conv(rw, x, w, b, stride, padding, dilation, transposed, output
                       gamma, beta, mean, var, eps, conv, bn):
     w2 = rw.param(f"{conv.name}_bn_weight", lambda w_, g_, v_: fold_weight(
         w_, g_, v_, eps, transposed=transposed, groups=groups), w, gamma, var)
-    b2 = rw.param(f"{conv.name}_bn_bias", lambda b_, g_, be_, m_, v_: fold_bias(b_, g_, be_, m_, v_, eps),
-                  b, gamma, beta, mean, var)
+    b2 = rw.param(f"{conv.name}_bn_bias", lambda b_, w_, g_, be_, m_, v_: fold_bias(
+        b_, g_, be_, m_, v_, eps, dtype=w_.dtype), b, w, gamma, beta, mean, var)
     return rw.call(ops.conv, input=x, weight=w2, bias=b2, stride=stride, padding=padding, dilation=dilation,
                    transposed=transposed, output_padding=output_padding, groups=groups)
 
@@ -88,8 +89,8 @@ def linear_output_is_2d(linear, **_):
 
 def fold_bn_into_linear(rw, x, w, b, gamma, beta, mean, var, eps, linear, bn):
     w2 = rw.param(f"{linear.name}_bn_weight", lambda w_, g_, v_: fold_weight(w_, g_, v_, eps), w, gamma, var)
-    b2 = rw.param(f"{linear.name}_bn_bias", lambda b_, g_, be_, m_, v_: fold_bias(b_, g_, be_, m_, v_, eps),
-                  b, gamma, beta, mean, var)
+    b2 = rw.param(f"{linear.name}_bn_bias", lambda b_, w_, g_, be_, m_, v_: fold_bias(
+        b_, g_, be_, m_, v_, eps, dtype=w_.dtype), b, w, gamma, beta, mean, var)
     return rw.call(ops.linear, input=x, weight=w2, bias=b2)
 
 

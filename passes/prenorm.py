@@ -43,7 +43,9 @@ from .swaps import _op_name
 
 NAME = "prenorm_rmsnorm"
 
-_PASS_THROUGH = {"alias", "clone", "contiguous", "to", "_to_copy", "dropout", "type_as", "float"}
+# value-preserving ops the zero-mean stream may pass through; no dropout (a dropout still in the
+# graph is a training-mode one, and dropout(centred) is not zero-mean)
+_PASS_THROUGH = {"alias", "clone", "contiguous", "to", "_to_copy", "type_as", "float"}
 _RESHAPE = {"view", "reshape", "_unsafe_view", "flatten", "unsqueeze", "squeeze"}
 _METADATA = {"getattr", "size", "sym_size", "_assert_tensor_metadata", "dim"}
 

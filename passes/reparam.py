@@ -168,8 +168,17 @@ _MATMULS = {operator.matmul, torch.matmul, aten.matmul.default, aten.mm.default}
 
 
 def _numel(node) -> int:
+    """Elements of a node's value, for the cost rule; a symbolic size (a dynamic batch from
+    torch.export or Dynamo) counts at the size it had on the example inputs."""
     shape = tensor_shape(node)
-    return math.prod(shape) if shape is not None else 0
+    return math.prod(_hint(d) for d in shape) if shape is not None else 0
+
+
+def _hint(d) -> int:
+    if isinstance(d, int):
+        return d
+    hint = getattr(getattr(d, "node", None), "hint", None)
+    return int(hint) if hint is not None else 1
 
 
 def _pair(v):
@@ -417,8 +426,11 @@ class _Memo:
         self.plan, self.targets, self._key, self._map = plan, targets, None, None
 
     def __call__(self, *tensors):
-        key = tuple(id(t) for t in tensors)
-        if key != self._key:
+        # the same tensor objects at the same version (an in-place update bumps `_version`);
+        # holding them keeps their ids from being reused by other tensors
+        key = tuple((t, getattr(t, "_version", None)) for t in tensors)
+        if self._key is None or len(key) != len(self._key) or any(
+                a is not b or va != vb for (a, va), (b, vb) in zip(key, self._key)):
             self._key, self._map = key, self.plan.evaluate(dict(zip(self.targets, tensors)))
         return self._map
 
@@ -461,8 +473,8 @@ def _rewrite(root, x, plan: Plan, merged, ctx: _Context, rw):
     targets = list(ctx.sources)
     sources = [ctx.sources[t] for t in targets]
     memo = _Memo(plan, targets)
-    meta = root.meta.get("tensor_meta")
-    dtype = getattr(meta, "dtype", None) or torch.float32
+    val = root.meta.get("val")  # export / Dynamo metadata first, then ShapeProp's
+    dtype = getattr(val, "dtype", None) or getattr(root.meta.get("tensor_meta"), "dtype", None) or torch.float32
 
     def weight_of(*tensors):
         w = memo(*tensors).weight
@@ -556,7 +568,11 @@ def merge_conv_into_fc(gm: fx.GraphModule, rw) -> int:
         conv_macs = _numel(conv) * math.prod(cwv.shape[1:])
         fc_macs = _numel(fc) * rw.value(w).shape[1]
         new_macs = _numel(fc) * in_features
-        if new_macs > conv_macs + fc_macs or d * in_features > _MAX_FC_WEIGHT:
+        if d * in_features > _MAX_FC_WEIGHT:
+            rw.report.skip(rw.pass_name, fc.name, f"conv -> flatten -> linear: the merged FC weight would hold "
+                           f"{d * in_features:,} elements, over the limit of {_MAX_FC_WEIGHT:,}")
+            continue
+        if new_macs > conv_macs + fc_macs:
             rw.report.skip(rw.pass_name, fc.name, f"conv -> flatten -> linear: the merged FC would need "
                            f"{new_macs:,} multiply-adds instead of {conv_macs + fc_macs:,}")
             continue
@@ -573,7 +589,7 @@ def merge_conv_into_fc(gm: fx.GraphModule, rw) -> int:
         flat_x = rw.call(aten.flatten.using_ints, self=x, start_dim=1, end_dim=-1)
         new = rw.call(ops.linear, input=flat_x, weight=nw, bias=nb)
         rw.replace(fc, new, f"merged conv {conv.name} into the FC on a {list(shape[1:])} input (RepMLP) -> "
-                            f"linear {in_features}->{d}")
+                            f"linear {in_features}->{d}; the merged model accepts only this input size")
         count += 1
     eliminate_dead_code(gm.graph)
     return count

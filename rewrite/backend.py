@@ -161,11 +161,6 @@ def _attr_name(placeholder: str, taken: set[str]) -> str:
     return name
 
 
-# Dynamo records some calls under names canonicalisation does not list (nn.RMSNorm becomes
-# `torch.rms_norm`); rename them to the functional spelling it knows, same signature.
-_DYNAMO_SPELLINGS = {torch.rms_norm: F.rms_norm}
-
-
 def _export_style_meta(node: fx.Node):
     """Dynamo's fake value is `example_value`; the passes (and the Rewriter, which carries
     metadata over to replacement nodes) read export's `val` and `symbolic_trace` + ShapeProp's
@@ -190,8 +185,6 @@ def freeze_parameters(gm: fx.GraphModule, placeholders, example_inputs, report: 
     graph.output(graph.graph_copy(gm.graph, remap))
     for node in graph.nodes:
         _export_style_meta(node)
-        if node.op == "call_function" and node.target in _DYNAMO_SPELLINGS:
-            node.target = _DYNAMO_SPELLINGS[node.target]
     work = fx.GraphModule(gm, graph, "RewriteFrozen")
     frozen: list[int] = []
     taken = set(dict(work.named_children())) | {n for n, _ in work.named_buffers()} | {

@@ -274,8 +274,8 @@ def _named(op, names, defaults=None, **fixed):
 
 def _binary(op):
     def convert(args, kwargs):
-        if len(args) != 2 or kwargs.get("out") is not None:
-            return None
+        if len(args) != 2 or set(kwargs) - {"alpha", "out"} or kwargs.get("out") is not None:
+            return None  # rounding_mode=..., out=...: not the plain op; leave the call as written
         a, b = args
         if not is_tensor(a):
             if op in (ops.add, ops.mul) and is_tensor(b) and isinstance(a, (int, float)):
@@ -331,6 +331,7 @@ FUNCTION_CONVERTERS.update({
                              dict(weight=None, bias=None, eps=1e-5)),
     aten.layer_norm.default: _named(ops.layer_norm, ["input", "normalized_shape", "weight", "bias", "eps"],
                                     dict(weight=None, bias=None, eps=1e-5)),
+    torch.rms_norm: _named(ops.rms_norm, ["input", "normalized_shape", "weight", "eps"], dict(weight=None, eps=None)),
     F.rms_norm: _named(ops.rms_norm, ["input", "normalized_shape", "weight", "eps"], dict(weight=None, eps=None)),
     aten.rms_norm.default: _named(ops.rms_norm, ["input", "normalized_shape", "weight", "eps"],
                                   dict(weight=None, eps=None)),
@@ -390,9 +391,13 @@ _FRESH = ops.CANONICAL - {ops.to_dtype}
 
 
 def _can_functionalize(node: fx.Node) -> bool:
-    """In-place on a fresh, unaliased value made by a canonical op of this graph."""
+    """In-place on a fresh value made by a canonical op of this graph, which nothing else can
+    alias: every other reader is a canonical (functional, non-viewing) op. A view taken before
+    the mutation (`v = y.view(-1); y.add_(1)`) would see it, so then the mutation stays."""
     target = node.args[0] if node.args else None
-    return isinstance(target, fx.Node) and target.op == "call_function" and target.target in _FRESH
+    if not (isinstance(target, fx.Node) and target.op == "call_function" and target.target in _FRESH):
+        return False
+    return all(u is node or (u.op == "call_function" and u.target in _FRESH) for u in target.users)
 
 
 def _redirect_later_readers(graph: fx.Graph, mutated: fx.Node, new: fx.Node, after: fx.Node):

@@ -100,9 +100,13 @@ def compare(ref_out, cand_out, rtol: float, atol: float) -> VerifyResult:
             continue
         r64, c64 = r.detach().double(), c.detach().double()
         if not (torch.isfinite(r64).all() and torch.isfinite(c64).all()):
+            # the same non-finite values (nan, +inf, -inf) at the same places, the rest within tolerance
             fin = torch.isfinite(r64)
-            same = bool(torch.equal(r64.isnan(), c64.isnan())) and _amax(r64[fin] - c64[fin]) <= atol
-            result.outputs[k] = OutputDiff(float("nan"), float("nan"), same, tuple(r.shape))
+            same_place = bool(torch.equal(fin, torch.isfinite(c64))) and bool(torch.equal(r64.isnan(), c64.isnan()))
+            same_inf = same_place and bool(torch.equal(r64[~fin & ~r64.isnan()], c64[~fin & ~c64.isnan()]))
+            scale = _amax(r64[fin]) if fin.any() else 0.0
+            close = same_inf and (not fin.any() or _amax(r64[fin] - c64[fin]) <= atol + rtol * scale)
+            result.outputs[k] = OutputDiff(float("nan"), float("nan"), close, tuple(r.shape))
             continue
         max_abs, scale = _amax(r64 - c64), _amax(r64)
         max_rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else float("inf"))

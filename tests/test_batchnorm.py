@@ -226,3 +226,27 @@ def test_folded_weights_are_functions_of_old_weights_and_replay_on_meta():
         torch.testing.assert_close(replay, getattr(fast, d.target))
         meta = d.fn(*(sd[s].to("meta") if isinstance(s, str) else s for s in d.sources))
         assert meta.device.type == "meta" and meta.shape == getattr(fast, d.target).shape
+
+
+def test_bf16_conv_before_fp32_batchnorm_keeps_the_conv_dtype():
+    conv = nn.Conv2d(3, 4, 3, bias=False).to(torch.bfloat16)
+    bn = nn.BatchNorm2d(4)
+    with torch.no_grad():
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.5, 2.0)
+
+    class Mixed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = conv, bn
+
+        def forward(self, x):
+            return self.bn(self.conv(x))  # bf16 input, fp32 statistics: allowed by batch_norm
+
+    model = Mixed().eval()
+    x = torch.randn(1, 3, 8, 8, dtype=torch.bfloat16)
+    gm = optimize(model, x)
+    weights = dict(gm.named_parameters()) | dict(gm.named_buffers())
+    dtypes = {t.dtype for n, t in weights.items() if "bn_weight" in n or "bn_bias" in n}
+    assert dtypes == {torch.bfloat16}, (dtypes, gm.report)
+    assert verify(model, gm, x, rtol=2e-2).passed

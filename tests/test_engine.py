@@ -196,3 +196,41 @@ def test_a_bn_with_nothing_to_fold_into_says_it_stays():
     fast = optimize(m, torch.randn(1, 3, 4, 4))
     (skip,) = fast.report.skipped("fold_batchnorm")
     assert "(input), not aten.convolution" in skip.detail and "stays" in skip.detail
+
+
+def test_division_with_rounding_mode_is_left_as_written():
+    class Div(nn.Module):
+        def forward(self, x, y):
+            return torch.div(x, y, rounding_mode="floor") + x.div(y, rounding_mode="trunc")
+
+    a, b = torch.randn(16) * 5, torch.rand(16) + 0.5
+    gm = optimize(Div(), (a, b), passes=[])
+    assert torch.equal(gm(a, b), Div()(a, b))
+
+
+def test_inplace_op_seen_through_an_earlier_view_stays_in_place():
+    class ViewThenAdd(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(2, 2, 1)
+
+        def forward(self, x):
+            y = self.conv(x)
+            v = y.view(-1)
+            y.add_(1)  # v sees this
+            return v
+
+    model = ViewThenAdd().eval()
+    x = torch.randn(1, 2, 3, 3)
+    gm = optimize(model, x, passes=[])
+    assert torch.equal(gm(x), model(x))
+
+
+def test_verify_compares_non_finite_values_exactly():
+    from rewrite.verify import compare
+    ref = torch.tensor([1.0, float("inf"), float("nan"), 2.0])
+    assert compare(ref, ref.clone(), rtol=1e-6, atol=0).passed
+    assert compare(ref, ref * (1 + 1e-9), rtol=1e-6, atol=0).passed  # rounding on the finite part
+    assert not compare(ref, torch.tensor([1.0, -float("inf"), float("nan"), 2.0]), rtol=1e-6, atol=0).passed
+    assert not compare(ref, torch.tensor([1.0, 5.0, float("nan"), 2.0]), rtol=1e-6, atol=0).passed
+    assert not compare(ref, torch.tensor([1.0, float("inf"), float("nan"), 3.0]), rtol=1e-6, atol=0).passed

@@ -205,9 +205,6 @@ def test_export_failure_is_a_clear_error(tmp_path):
 
 
 def test_lowered_model_exports(tmp_path):
-    codegen = pytest.importorskip("codegen")
-    if not hasattr(codegen, "lower_to_triton"):
-        pytest.skip("codegen.lower_to_triton is not there yet")
     torch.manual_seed(0)
     model = TinyTransformer().eval()
     x = torch.randn(2, 7, 16)

@@ -343,6 +343,19 @@ def test_user_model_untouched_idempotent_and_derivations_replay():
         env[d.target] = d.fn(*[env[s] if isinstance(s, str) else s for s in d.sources])
     for name, t in list(gm.named_parameters()) + list(gm.named_buffers()):
         assert torch.equal(env[name], t), name
+    # replay again after an in-place update of the same source tensors: fresh results, not cached ones
+    sources = {s for d in gm.derivations for s in d.sources if isinstance(s, str) and s in model.state_dict()}
+    for name in sources:
+        env[name].mul_(1.5)
+    replay = dict(env)
+    for d in gm.derivations:
+        replay[d.target] = d.fn(*[replay[s] if isinstance(s, str) else s for s in d.sources])
+    fresh = {k: v.clone() for k, v in env.items() if k in sources}
+    for d in gm.derivations:
+        fresh[d.target] = d.fn(*[fresh[s] if isinstance(s, str) else s for s in d.sources])
+    finals = [n for n, _ in list(gm.named_parameters()) + list(gm.named_buffers())]
+    assert finals and all(torch.equal(replay[n], fresh[n]) for n in finals)
+    assert any(not torch.equal(replay[n], env_t) for n, env_t in gm.state_dict().items() if n in finals)
 
 
 def test_float32_model_keeps_float32_weights():

@@ -60,6 +60,15 @@ def _ids(vocab=100, seq=8):
 
 _SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
 
+def _whisper_encoder():
+    import transformers
+    config = transformers.WhisperConfig(
+        vocab_size=100, d_model=32, encoder_layers=2, encoder_attention_heads=2, decoder_layers=1,
+        decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, num_mel_bins=16, max_source_positions=32,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1)
+    return transformers.WhisperModel(config).get_encoder()
+
+
 ZOO: list[ZooModel] = [
     # torchvision classification
     _tv("resnet18", fast=True), _tv("resnet50"), _tv("resnext50_32x4d"), _tv("wide_resnet50_2"),
@@ -84,11 +93,8 @@ ZOO: list[ZooModel] = [
                                            num_heads=2), "T5EncoderModel", _ids()),
     _hf("vit", lambda t: t.ViTConfig(image_size=32, patch_size=8, **_SMALL), "ViTModel",
         lambda: {"pixel_values": torch.randn(2, 3, 32, 32)}),
-    _hf("whisper_encoder", lambda t: t.WhisperConfig(
-        vocab_size=100, d_model=32, encoder_layers=2, encoder_attention_heads=2, decoder_layers=1,
-        decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, num_mel_bins=16,
-        max_source_positions=32), "WhisperModel",
-        lambda: {"input_features": torch.randn(2, 16, 64), "decoder_input_ids": torch.zeros(2, 1, dtype=torch.long)}),
+    ZooModel("hf/whisper_encoder", "transformers", lambda: _whisper_encoder(),
+             lambda: {"input_features": torch.randn(2, 16, 64)}),
     _hf("distilbert", lambda t: t.DistilBertConfig(vocab_size=100, dim=32, n_layers=2, n_heads=2, hidden_dim=64),
         "DistilBertModel", _ids()),
     _hf("qwen2", lambda t: t.Qwen2Config(vocab_size=100, num_key_value_heads=1, **_SMALL), "Qwen2Model", _ids()),
