@@ -28,20 +28,11 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import machine, median_ms, table  # noqa: E402
+from common import machine, median_ms, randomize_bn, table  # noqa: E402
 
 import rewrite.backend  # noqa: E402,F401  (registers the backend when the entry point is not installed)
 
 
-def randomize_bn(model):
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-                m.running_mean.uniform_(-0.5, 0.5)
-                m.running_var.uniform_(0.5, 2.0)
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.5, 0.5)
-    return model
 
 
 def build(name: str):

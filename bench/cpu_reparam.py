@@ -22,20 +22,11 @@ import torch
 from timm.utils.model import reparameterize_model
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import machine, median_ms, table  # noqa: E402
+from common import machine, medians_interleaved, randomize_bn, table  # noqa: E402
 
 from rewrite import optimize, verify  # noqa: E402
 
 
-def randomize_bn(model):
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-                m.running_mean.uniform_(-0.5, 0.5)
-                m.running_var.uniform_(0.5, 2.0)
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.5, 0.5)
-    return model
 
 
 def main(argv=None):
@@ -43,7 +34,7 @@ def main(argv=None):
     ap.add_argument("--models", default="repvgg_a0,mobileone_s0")
     ap.add_argument("--threads", default=f"1,{torch.get_num_threads()}")
     ap.add_argument("--size", type=int, default=224)
-    ap.add_argument("--iters", type=int, default=15)
+    ap.add_argument("--iters", type=int, default=21)
     ap.add_argument("--quick", action="store_true", help="smoke run: 64x64 input, 3 iterations, 1 warm-up")
     args = ap.parse_args(argv)
     size, iters, warmup = (64, 3, 1) if args.quick else (args.size, args.iters, 3)
@@ -57,7 +48,7 @@ def main(argv=None):
             verify(model, v, x, rtol=1e-4)
         for threads in [int(t) for t in args.threads.split(",")]:
             torch.set_num_threads(threads)
-            ms = {k: median_ms(v, x, warmup=warmup, iters=iters) for k, v in variants.items()}
+            ms = medians_interleaved(variants, x, warmup=warmup, rounds=iters)
             base = ms["train-time"]
             rows.append({"model": name, "threads": threads,
                          **{f"{k} ms": f"{v:.1f}" for k, v in ms.items()},
@@ -65,7 +56,7 @@ def main(argv=None):
                          "timm speedup": f"{base / ms['timm reparam']:.2f}x",
                          "optimize vs timm": f"{ms['timm reparam'] / ms['optimize']:.2f}x"})
             print(rows[-1], file=sys.stderr)
-    print(f"\nMachine: {machine()}; timm {timm.__version__}; batch 1, {size}x{size}, median of {iters} runs"
+    print(f"\nMachine: {machine()}; timm {timm.__version__}; batch 1, {size}x{size}, median of {iters} rounds, variants interleaved"
           f"{' (--quick: not a measurement)' if args.quick else ''}\n")
     print(table(rows, list(rows[0].keys())))
 
