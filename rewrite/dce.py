@@ -43,4 +43,24 @@ def may_have_effects(node: fx.Node) -> bool:
 
 
 def eliminate_dead_code(graph: fx.Graph) -> bool:
-    return graph.eliminate_dead_code(is_impure_node=may_have_effects)
+    """Erase unused nodes without effects, last to first (so chains go in one sweep)."""
+    changed = False
+    for node in reversed(graph.nodes):
+        if not node.users and not _has_effects(node):
+            graph.erase_node(node)
+            changed = True
+    return changed
+
+
+_EFFECTS_BY_OVERLOAD: dict = {}
+
+
+def _has_effects(node: fx.Node) -> bool:
+    """`may_have_effects`, memoised for ATen overloads (whose answer depends only on the op)."""
+    t = node.target
+    if node.op == "call_function" and isinstance(t, torch._ops.OpOverload) and not node.kwargs.get("out"):
+        hit = _EFFECTS_BY_OVERLOAD.get(t)
+        if hit is None:
+            hit = _EFFECTS_BY_OVERLOAD[t] = may_have_effects(node)
+        return hit
+    return may_have_effects(node)
