@@ -77,17 +77,20 @@ def _step(message: str):
     print(f"[rewrite] {message}: done in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
 
 
-def median_latency(model, inputs, runs: int) -> float:
-    """Median wall time of `model(*inputs)` in seconds over `runs` runs, after one warm-up."""
+def median_latencies(models: list, inputs, runs: int) -> list[float]:
+    """Median wall time (s) of each `model(*inputs)` over `runs` rounds after one warm-up; the
+    models run round-robin, so that a slow spell of the machine hits all of them alike."""
     import torch
-    times = []
+    times: list[list[float]] = [[] for _ in models]
     with torch.no_grad():
-        model(*inputs)
-        for _ in range(runs):
-            start = time.perf_counter()
+        for model in models:
             model(*inputs)
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for _ in range(runs):
+            for i, model in enumerate(models):
+                start = time.perf_counter()
+                model(*inputs)
+                times[i].append(time.perf_counter() - start)
+    return [statistics.median(t) for t in times]
 
 
 def _write_drawing(graph, path: str) -> str:
@@ -123,6 +126,8 @@ def _parser() -> argparse.ArgumentParser:
     o.add_argument("--input-shape", action="append", required=True, metavar="N,C,H,W",
                    help="shape of a random float32 input; repeat for models with several inputs")
     o.add_argument("--passes", help="comma-separated pass or preset names (default: the exact passes)")
+    o.add_argument("--layout", choices=["channels_last"], help="also store conv weights channels-last (faster "
+                   "oneDNN convolutions on CPU; checked, and undone with the reason, if the model needs NCHW)")
     o.add_argument("--onnx", metavar="OUT.onnx", help="write the optimized model to ONNX and check it in onnxruntime")
     o.add_argument("--opset", type=int, help="ONNX opset (default: 23 where onnxruntime runs RMSNormalization, else 18)")
     o.add_argument("--static-batch", action="store_true", help="export ONNX with a fixed batch size")
@@ -182,7 +187,8 @@ def _optimize(args) -> int:
     inputs = tuple(torch.randn(s) for s in shapes)
     with _step("running the original model"):
         try:
-            before = median_latency(model, inputs, args.runs)
+            with torch.no_grad():
+                model(*inputs)
         except Exception as e:
             raise UsageError(f"the model fails on inputs of shape {[list(s) for s in shapes]}: {_one_line(e)}") \
                 from None
@@ -190,7 +196,7 @@ def _optimize(args) -> int:
         chatter = io.StringIO()  # torch.export prints partial graphs to stderr when it fails
         try:
             with redirect_stderr(chatter):
-                fast = optimize(model, inputs, passes=pass_names)
+                fast = optimize(model, inputs, passes=pass_names, layout=args.layout)
         except (CaptureError, InputError) as e:
             raise UsageError(f"cannot capture the model: {_one_line(e)}") from None
         sys.stderr.write(chatter.getvalue())
@@ -202,10 +208,10 @@ def _optimize(args) -> int:
         result = verify(model, fast, fresh, raise_on_fail=False)
     print(f"\nerror vs original (fresh input): {result}")
     ok &= result.passed
-    with _step("timing the optimized model"):
-        after = median_latency(fast, inputs, args.runs)
+    with _step("timing the original and the optimized model"):
+        before, after = median_latencies([model, fast], inputs, args.runs)
     print(f"eager latency, median of {args.runs}: before {before * 1e3:.2f} ms, after {after * 1e3:.2f} ms "
-          f"({after / before:.2f}x)")
+          f"(speedup {before / after:.2f}x)")
 
     if args.onnx:
         from .onnx_export import OnnxExportError, check_onnx, export_onnx

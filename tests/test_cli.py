@@ -138,3 +138,12 @@ def test_check_fails_with_status_1_when_past_tolerance(tiny, capsys):
     rc = main(["optimize", "tinynets:convnet", "--input-shape", "1,3,8,8", "--runs", "1", "--passes",
                "relu_to_smelu"])  # without --check the same run succeeds, reporting the error
     assert rc == 0
+
+
+def test_layout_channels_last_is_passed_through(capsys):
+    from rewrite.cli import main
+    code = main(["optimize", "torchvision.models:resnet18", "--input-shape", "1,3,32,32", "--layout", "channels_last",
+                 "--runs", "1", "--check"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "layout" in out and "stored channels-last" in out
