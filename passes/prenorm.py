@@ -36,6 +36,7 @@ import torch.fx as fx
 
 from rewrite import ops
 from rewrite.canonicalize import tensor_shape
+from rewrite.dce import eliminate_dead_code
 from rewrite.passmanager import Pass
 
 from .swap_common import deviation, fmt_dev, module_path, run_recording
@@ -246,7 +247,7 @@ def prenorm_rmsnorm(gm: fx.GraphModule, rw):
                 rw.report.skip(NAME, ln.name, "not a zero-mean residual stream: " + "; ".join(reasons[:2]) + more)
         applied += _apply(rw, stream, mine, bad)
     if applied and outputs is not None:
-        gm.graph.eliminate_dead_code()
+        eliminate_dead_code(gm.graph)
         after, _ = run_recording(gm, {})
         if after is not None:
             rw.report.note(NAME, "model", f"model output deviation on the example inputs: "

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 
 from rewrite import ops
 from rewrite.nn import DyT, GeneralizedSmeLU, SmeLU
+from rewrite.dce import eliminate_dead_code
 from rewrite.passmanager import Pass
 
 from .swap_common import Selector, deviation, fmt_dev, install, module_path, nodes_with, run_recording
@@ -106,7 +107,9 @@ def swap_pass(name: str, targets, input_arg: str, plan: Callable, suffix: str, o
                     dev = "layer output deviation on the example inputs: " + fmt_dev(deviation(y, p.local(x, rw)))
             rw.replace(n, new, f"{module_path(n) or n.name} -> {new.target if new.op == 'call_module' else new.name}"
                                f" ({p.detail}); {dev}")
-        gm.graph.eliminate_dead_code()
+            if not n.users:  # replaced: an in-place op would otherwise stay as an effect
+                gm.graph.erase_node(n)
+        eliminate_dead_code(gm.graph)
         if outputs is not None:
             after, _ = run_recording(gm, {})
             what = fmt_dev(deviation(outputs, after)) if after is not None else _

@@ -26,6 +26,7 @@ import torch.fx as fx
 
 from . import ops
 from .canonicalize import tensor_shape
+from .dce import eliminate_dead_code
 from .report import Report
 
 aten = torch.ops.aten
@@ -121,5 +122,5 @@ def lift_decomposed_norms(gm: fx.GraphModule, report: Report) -> int:
         report.rewrote("lift_norms", root.name, f"decomposed RMSNorm over {d} (eps={eps:g}) -> aten.rms_norm, {what}")
         count += 1
     if count:
-        graph.eliminate_dead_code()
+        eliminate_dead_code(graph)
     return count
