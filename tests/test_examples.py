@@ -1,0 +1,43 @@
+"""The examples run as smoke tests (small sizes), and what they print is checked."""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_example(name: str, *args: str) -> str:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    done = subprocess.run([sys.executable, str(ROOT / "examples" / name), *args], capture_output=True, text=True,
+                          timeout=300, env=env, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def test_quickstart():
+    out = run_example("quickstart.py", "--size", "64", "--iters", "1")
+    assert "fold_batchnorm rewrote 53" in out  # every BN of ResNet-50
+    assert "error on a fresh input: PASS" in out
+    assert re.search(r"optimize channels_last +[\d.]+ ms", out)
+
+
+def test_reparam_deploy():
+    out = run_example("reparam_deploy.py", "--size", "64", "--iters", "1")
+    convs = re.findall(r"convolutions: (\d+) -> (\d+)", out)
+    assert convs, out
+    assert all(int(after) < int(before) for before, after in convs), convs
+    assert len(convs) == 2 and "FAIL" not in out and out.count("PASS") == 2
+
+
+def test_swap_and_finetune():
+    out = run_example("swap_and_finetune.py")
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in out.splitlines() if line.startswith("| transformer") or line.startswith("| MLP")}
+    assert len(rows) == 2, out
+    for name, cells in rows.items():
+        before, after_ft = float(cells[0].rstrip("%")), float(cells[-1].rstrip("%"))
+        assert before > 90 and after_ft > 90, (name, cells)  # fine-tuning recovers the swapped model
