@@ -17,8 +17,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Literal
 
+import torch
 import torch.fx as fx
 
+from . import ops
 from .pattern import Match, NoMatch, Op, match
 from .dce import eliminate_dead_code
 from .report import Report
@@ -110,4 +112,14 @@ def _try(rule: Rule, node: fx.Node, near_misses: dict) -> Match | None:
 
 def _describe(rule: Rule, m: Match, new: fx.Node) -> str:
     matched = " <- ".join(n.name for n in m.nodes)
-    return f"{rule.name}: [{matched}] -> {new.name}"
+    return f"{rule.name}: [{matched}] -> {describe_node(new)}"
+
+
+def describe_node(n: fx.Node) -> str:
+    """`aten.convolution(weight=conv1_bn_weight)`: the op and the constants it reads, for reports
+    (a new node's own name, `convolution_default_53`, says nothing)."""
+    if n.op != "call_function" or not isinstance(n.target, torch._ops.OpOverload):
+        return n.name
+    consts = [f"{a.name}={v.target}" for a, v in zip(n.target._schema.arguments, n.args)
+              if isinstance(v, fx.Node) and v.op == "get_attr"]
+    return f"{ops.short_name(n.target)}({', '.join(consts)})"
