@@ -37,3 +37,18 @@ def count_bn_after_producer(gm) -> int:
     """BatchNorms whose input is a conv or linear: after folding there must be none."""
     return sum(1 for n in gm.graph.nodes if n.target is ops.batch_norm
                and getattr(n.args[0], "target", None) in (ops.conv, ops.linear))
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """Count generated-kernel launches (calls of codegen.runtime.run_triton through the op)."""
+    from codegen import runtime
+    calls = []
+    real = runtime.run_triton
+
+    def spy(spec, inputs, config=None):
+        calls.append(spec)
+        return real(spec, inputs, config)
+
+    monkeypatch.setattr(runtime, "run_triton", spy)
+    return calls

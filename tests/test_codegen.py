@@ -37,20 +37,6 @@ TOL = {torch.float64: (1e-12, 1e-12), torch.float32: (1e-5, 1e-5), torch.float16
        torch.bfloat16: (1.6e-2, 1.6e-2)}
 
 
-@pytest.fixture
-def launches(monkeypatch):
-    """Count kernel launches (calls of runtime.run_triton through the op)."""
-    calls = []
-    real = runtime.run_triton
-
-    def spy(spec, inputs, config=None):
-        calls.append(spec)
-        return real(spec, inputs, config)
-
-    monkeypatch.setattr(runtime, "run_triton", spy)
-    return calls
-
-
 def close(got, want, dtype):
     rtol, atol = TOL[dtype]
     assert got.dtype == want.dtype and got.shape == want.shape

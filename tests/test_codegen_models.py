@@ -21,19 +21,6 @@ pytestmark = pytest.mark.skipif(DEVICE is None, reason="no Triton target: set TR
 OP = runtime.OP
 
 
-@pytest.fixture
-def launches(monkeypatch):
-    calls = []
-    real = runtime.run_triton
-
-    def spy(spec, inputs, config=None):
-        calls.append(spec)
-        return real(spec, inputs, config)
-
-    monkeypatch.setattr(runtime, "run_triton", spy)
-    return calls
-
-
 def lowered_records(report):
     return [r for r in report.records if r.pass_name == "lower_triton" and r.action == "rewrote"]
 
