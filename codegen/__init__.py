@@ -24,7 +24,7 @@ from rewrite.lift_norms import lift_decomposed_norms
 from rewrite.report import Report
 
 from .ir import dumps, spec_hash
-from .regions import NotFusable, Region, describe_norm, find_regions, grow, is_meta_check
+from .regions import NotFusable, Region, describe_norm, find_regions, grow, is_meta_check, positions
 
 PASS_NAME = "lower_triton"
 
@@ -49,14 +49,15 @@ def lower_to_triton(gm: fx.GraphModule, report: Report) -> list[Region]:
     # region would ever match them; a graph already lifted has nothing left to lift
     lift_decomposed_norms(gm, report)
     norm_nodes = [n for n in gm.graph.nodes if _is_norm(gm, n)]
+    order = positions(gm.graph)  # one numbering for all regions (renumbering per region is quadratic)
     for node in norm_nodes:
         try:
             d = describe_norm(gm, node)
-            region = grow(gm, node, d, claimed=set())
+            region = grow(gm, node, d, claimed=set(), order=order)
         except NotFusable as e:
             report.skip(PASS_NAME, node.name, f"not lowered: {e}")
             continue
-        _replace(gm, region, op)
+        _replace(gm, region, op, order)
         text = dumps(region.spec)
         outs = ", ".join(o.name for o in region.outputs)
         report.rewrote(PASS_NAME, node.name,
@@ -71,6 +72,20 @@ def lower_to_triton(gm: fx.GraphModule, report: Report) -> list[Region]:
     return lowered
 
 
+def _number_inserted(order: dict[fx.Node, float], anchor: fx.Node):
+    """Positions for the nodes just inserted before `anchor`: evenly between the nearest
+    numbered node before them and `anchor`."""
+    new = []
+    n = anchor.prev
+    while n not in order and n.op != "root":
+        new.append(n)
+        n = n.prev
+    low = order.get(n, -1.0)
+    high = order[anchor]
+    for k, node in enumerate(reversed(new), start=1):
+        order[node] = low + (high - low) * k / (len(new) + 1)
+
+
 def _is_norm(gm, node) -> bool:
     try:
         return describe_norm(gm, node) is not None
@@ -78,10 +93,12 @@ def _is_norm(gm, node) -> bool:
         return True
 
 
-def _replace(gm: fx.GraphModule, region: Region, op):
+def _replace(gm: fx.GraphModule, region: Region, op, order: dict[fx.Node, float]):
+    """Insert the fused call (and one getitem per output) before the region's first node that
+    comes after all its inputs, rewire readers, erase the region. The new nodes get positions
+    between their neighbours' in `order`, so it stays valid for the regions still to come."""
     graph = gm.graph
     members = set(region.nodes)
-    order = {n: i for i, n in enumerate(graph.nodes)}
     node_inputs = [k[1] for k in region.input_keys if k[0] == "node"]
     last = max((order[n] for n in node_inputs), default=-1)
     anchor = min((n for n in region.nodes if order[n] > last), key=order.get)
@@ -102,6 +119,7 @@ def _replace(gm: fx.GraphModule, region: Region, op):
         for user in list(out.users):
             if user not in members and not is_meta_check(user):
                 user.replace_input_with(out, g)
+    _number_inserted(order, anchor)
     for n in sorted(region.nodes, key=order.get, reverse=True):
         for check in [u for u in n.users if is_meta_check(u)]:
             graph.erase_node(check)

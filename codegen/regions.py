@@ -269,11 +269,16 @@ def describe_norm(gm: fx.GraphModule, node: fx.Node) -> Described | None:
 
 # ---------------------------------------------------------------- growing a region
 
+def positions(graph: fx.Graph) -> dict[fx.Node, float]:
+    """Each node's position in graph order (kept valid across rewrites by `codegen._replace`)."""
+    return {n: float(i) for i, n in enumerate(graph.nodes)}
+
+
 class _Grower:
-    def __init__(self, gm: fx.GraphModule, claimed: set):
+    def __init__(self, gm: fx.GraphModule, claimed: set, order: dict | None):
         self.gm = gm
         self.claimed = claimed
-        self.order = {n: i for i, n in enumerate(gm.graph.nodes)}
+        self.order = positions(gm.graph) if order is None else order
 
     def fits(self, node: fx.Node, domain) -> Described | None:
         """The description of `node` if it can join a region of shape `domain`."""
@@ -323,9 +328,10 @@ def _broadcasts(shape, domain) -> bool:
     return all(s in (1, d) for s, d in zip(reversed(shape), reversed(domain)))
 
 
-def grow(gm: fx.GraphModule, norm: fx.Node, nd: Described, claimed: set) -> Region:
-    """The region around `norm` (raises NotFusable with the reason)."""
-    g = _Grower(gm, claimed)
+def grow(gm: fx.GraphModule, norm: fx.Node, nd: Described, claimed: set, order: dict | None = None) -> Region:
+    """The region around `norm` (raises NotFusable with the reason). `order`: `positions` of
+    the graph's nodes, when the caller keeps them (growing many regions, it should)."""
+    g = _Grower(gm, claimed, order)
     x = nd.operands[0].node
     domain = shape_of(x)
     if domain is None or shape_of(norm) != domain:
@@ -444,12 +450,13 @@ def find_regions(gm: fx.GraphModule) -> list[tuple[fx.Node, Region | NotFusable]
     """Regions for every norm of `gm` (non-overlapping, first norm first); the graph is unchanged."""
     claimed: set = set()
     out = []
+    order = positions(gm.graph)
     for node, d in list(norms(gm)):
         if isinstance(d, NotFusable):
             out.append((node, d))
             continue
         try:
-            r = grow(gm, node, d, claimed)
+            r = grow(gm, node, d, claimed, order)
         except NotFusable as e:
             out.append((node, e))
             continue

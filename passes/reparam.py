@@ -43,7 +43,7 @@ import torch.nn as nn
 
 from rewrite import ops
 from rewrite.canonicalize import tensor_shape
-from rewrite.dce import eliminate_dead_code
+from rewrite.dce import eliminate_dead_code, erase_dead_inputs
 from rewrite.graphview import DominatorView
 from rewrite.passmanager import Pass
 
@@ -103,6 +103,7 @@ class _Context:
         self.gm = gm
         self.view = DominatorView(gm.graph)
         self.sources: dict[str, fx.Node] = {}  # get_attr target -> node, for the current region
+        self.not_linear: dict[fx.Node, tuple] = {}  # node -> (exception type, args), see `classify`
 
     def variable(self, v) -> bool:
         return self.view.is_variable(v)
@@ -129,9 +130,20 @@ class _Context:
         raise _NotLinear(f"constant {v.name} is computed by {v.target}, which is not known to be pure")
 
     def value(self, c: Const):
-        env = {t: _fetch(self.gm, t) for t in self.sources}
         with torch.no_grad():
-            return c.eval(env)
+            return c.eval(_Attributes(self.gm))
+
+
+class _Attributes(dict):
+    """target -> tensor of `gm`, fetched when an expression first reads it."""
+
+    def __init__(self, gm: fx.GraphModule):
+        super().__init__()
+        self.gm = gm
+
+    def __missing__(self, target: str):
+        value = self[target] = _fetch(self.gm, target)
+        return value
 
 
 def _fetch(gm, target):
@@ -186,7 +198,20 @@ def _pair(v):
 
 
 def classify(node: fx.Node, ctx: _Context) -> tuple[Step, list[fx.Node]]:
-    """The step computed by `node` and its variable operands; raises _NotLinear otherwise."""
+    """The step computed by `node` and its variable operands; raises _NotLinear otherwise.
+    A node found not linear is remembered for the rest of this view of the graph: every root
+    below it asks again while growing its region."""
+    known = ctx.not_linear.get(node)
+    if known is not None:
+        raise known[0](*known[1])
+    try:
+        return _classify(node, ctx)
+    except (_NotLinear, NotMergeable) as e:
+        ctx.not_linear[node] = (type(e), e.args)
+        raise
+
+
+def _classify(node: fx.Node, ctx: _Context) -> tuple[Step, list[fx.Node]]:
     if node.op != "call_function":
         raise _NotLinear("not a function call")
     t, var, out = node.target, ctx.variable, _numel(node)
@@ -436,12 +461,15 @@ class _Memo:
 
 
 def _try_root(root: fx.Node, ctx: _Context, rw) -> bool:
+    ctx.sources = {}
     try:
         classify(root, ctx)
     except (_NotLinear, NotMergeable):
         return False
     reasons = []
     for x, region in reversed(_candidates(root, ctx)):  # largest first
+        if len(region) < 2:
+            continue  # one op alone is never worth rewriting (see `_worthwhile`)
         ctx.sources = {}
         try:
             plan = build_plan(region, x, ctx)
@@ -506,8 +534,10 @@ def merge_linear_regions(gm: fx.GraphModule, rw) -> int:
             continue
         if _try_root(root, ctx, rw):
             count += 1
-            eliminate_dead_code(gm.graph)
-            ctx = _Context(gm)
+            # the merged region is dead now. The view stays valid for the roots still to
+            # visit: they come earlier in the graph, and the dominators of a node depend only
+            # on the paths that reach it, which the rewrite (below them) did not touch.
+            erase_dead_inputs(root)
     return count
 
 

@@ -44,9 +44,10 @@ from typing import Callable
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
-from torch.fx.passes.shape_prop import TensorMetadata
 
+from .capture import graph_module
 from .report import Report
+from .shapes import tensor_metadata
 
 OPTIONS = ("passes", "lower", "compiler", "verbose")
 REPORTS: list[Report] = []
@@ -171,9 +172,7 @@ def _export_style_meta(node: fx.Node):
         return
     node.meta["val"] = val
     if isinstance(val, torch.Tensor) and "tensor_meta" not in node.meta:
-        node.meta["tensor_meta"] = TensorMetadata(shape=val.shape, dtype=val.dtype, requires_grad=val.requires_grad,
-                                                  stride=tuple(val.stride()), memory_format=None,
-                                                  is_quantized=False, qparams={})
+        node.meta["tensor_meta"] = tensor_metadata(val)
 
 
 def freeze_parameters(gm: fx.GraphModule, placeholders, example_inputs, report: Report):
@@ -185,7 +184,7 @@ def freeze_parameters(gm: fx.GraphModule, placeholders, example_inputs, report: 
     graph.output(graph.graph_copy(gm.graph, remap))
     for node in graph.nodes:
         _export_style_meta(node)
-    work = fx.GraphModule(gm, graph, "RewriteFrozen")
+    work = graph_module(gm, graph, "RewriteFrozen")  # its code is generated once, after the passes
     frozen: list[int] = []
     taken = set(dict(work.named_children())) | {n for n, _ in work.named_buffers()} | {
         n for n, _ in work.named_parameters()}

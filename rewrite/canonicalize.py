@@ -99,13 +99,21 @@ class _Ctx:
         self.report = report
 
     def attr(self, target: str | None):
+        """A `get_attr` of a parameter the converter just read from its module (so it exists:
+        `Graph.get_attr` would walk the module tree again to check)."""
         if target is None:
             return None
-        return self.graph.get_attr(target)
+        return self.graph.create_node("get_attr", target)
 
     def emit(self, op, /, **named):
+        """A new node before the one being converted (e.g. the `aten.pad` of a padding mode)."""
         args, kwargs = ops.call(op, **named)
         return self.graph.call_function(op, args, kwargs)
+
+    @staticmethod
+    def call(op, /, **named):
+        """What the converted node itself becomes: `op` with these named arguments."""
+        return op, named
 
 
 # ---------------------------------------------------------------- module converters
@@ -129,7 +137,7 @@ def _conv_module(ctx: _Ctx, node, mod):
         padding, extra = _conv_padding(padding, mod.weight.shape, mod.dilation, nd)
         if extra is not None:
             x = ctx.emit(ops.pad, self=x, pad=extra, mode="constant", value=0.0)
-    return ctx.emit(
+    return ctx.call(
         ops.conv, input=x, weight=ctx.attr(f"{node.target}.weight"),
         bias=ctx.attr(_param_target(node, mod, "bias")), stride=list(_tuple(mod.stride, nd)),
         padding=list(padding), dilation=list(_tuple(mod.dilation, nd)), transposed=transposed,
@@ -142,7 +150,7 @@ def _bn_module(ctx: _Ctx, node, mod):
         ctx.report.skip("canonicalize", node.name, f"{type(mod).__name__} {why}: kept as a module and never folded"
                         + ("; call model.eval() first" if mod.training else ""))
         return None
-    return ctx.emit(
+    return ctx.call(
         ops.batch_norm, input=node.args[0], weight=ctx.attr(_param_target(node, mod, "weight")),
         bias=ctx.attr(_param_target(node, mod, "bias")),
         running_mean=ctx.attr(f"{node.target}.running_mean"), running_var=ctx.attr(f"{node.target}.running_var"),
@@ -150,39 +158,39 @@ def _bn_module(ctx: _Ctx, node, mod):
 
 
 def _linear_module(ctx, node, mod):
-    return ctx.emit(ops.linear, input=node.args[0], weight=ctx.attr(f"{node.target}.weight"),
+    return ctx.call(ops.linear, input=node.args[0], weight=ctx.attr(f"{node.target}.weight"),
                     bias=ctx.attr(_param_target(node, mod, "bias")))
 
 
 def _layer_norm_module(ctx, node, mod):
-    return ctx.emit(ops.layer_norm, input=node.args[0], normalized_shape=list(mod.normalized_shape),
+    return ctx.call(ops.layer_norm, input=node.args[0], normalized_shape=list(mod.normalized_shape),
                     weight=ctx.attr(_param_target(node, mod, "weight")),
                     bias=ctx.attr(_param_target(node, mod, "bias")), eps=float(mod.eps))
 
 
 def _rms_norm_module(ctx, node, mod):
-    return ctx.emit(ops.rms_norm, input=node.args[0], normalized_shape=list(mod.normalized_shape),
+    return ctx.call(ops.rms_norm, input=node.args[0], normalized_shape=list(mod.normalized_shape),
                     weight=ctx.attr(_param_target(node, mod, "weight")), eps=mod.eps)
 
 
 def _unary_module(op, **fixed):
     def convert(ctx, node, mod):
-        return ctx.emit(op, self=node.args[0], **fixed)
+        return ctx.call(op, self=node.args[0], **fixed)
     return convert
 
 
 def _gelu_module(ctx, node, mod):
-    return ctx.emit(ops.gelu, self=node.args[0], approximate=mod.approximate)
+    return ctx.call(ops.gelu, self=node.args[0], approximate=mod.approximate)
 
 
 def _identity_module(ctx, node, mod):
     if isinstance(mod, nn.modules.dropout._DropoutNd) and mod.training and mod.p > 0:
         return None
-    return ctx.emit(aten.alias.default, self=node.args[0])
+    return ctx.call(aten.alias.default, self=node.args[0])
 
 
 def _avg_pool2d_module(ctx, node, mod):
-    return ctx.emit(ops.avg_pool2d, self=node.args[0], kernel_size=list(_tuple(mod.kernel_size, 2)),
+    return ctx.call(ops.avg_pool2d, self=node.args[0], kernel_size=list(_tuple(mod.kernel_size, 2)),
                     stride=list(_tuple(mod.stride if mod.stride is not None else mod.kernel_size, 2)),
                     padding=list(_tuple(mod.padding, 2)), ceil_mode=mod.ceil_mode,
                     count_include_pad=mod.count_include_pad, divisor_override=mod.divisor_override)
@@ -400,10 +408,12 @@ def _can_functionalize(node: fx.Node) -> bool:
     return all(u is node or (u.op == "call_function" and u.target in _FRESH) for u in target.users)
 
 
-def _redirect_later_readers(graph: fx.Graph, mutated: fx.Node, new: fx.Node, after: fx.Node):
-    order = {n: i for i, n in enumerate(graph.nodes)}
+def _redirect_later_readers(mutated: fx.Node, new: fx.Node, order: dict[fx.Node, int]):
+    """Readers of `mutated` after `new` (the functional form of the mutation) read `new`.
+    `order`: positions of the graph's nodes before canonicalisation; the only nodes it lacks
+    were inserted before nodes already converted, so they come before `new`."""
     for user in list(mutated.users):
-        if user is not new and order[user] > order[after]:
+        if user is not new and order.get(user, -1) > order[new]:
             user.replace_input_with(mutated, new)
 
 
@@ -413,38 +423,30 @@ def canonicalize(gm: fx.GraphModule, report: Report) -> fx.GraphModule:
     """Rewrite `gm` in place into canonical ops; records what it could not canonicalise."""
     ctx = _Ctx(gm, report)
     modules = dict(gm.named_modules())
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
     for node in list(gm.graph.nodes):
         mod = modules.get(node.target) if node.op == "call_module" else None
         inplace = _mutates_first_arg(node, mod)
         if inplace and not _can_functionalize(node):
             continue  # keep the mutation exactly as written
         with gm.graph.inserting_before(node):
-            new = _convert(ctx, node, mod)
-        if new is None:
+            converted = _convert(ctx, node, mod)
+        if converted is None:
             continue
-        new.meta.update(node.meta)
+        # the node itself becomes the canonical call: it keeps its name (the user's: conv1,
+        # layer1_0_bn1, for reports), its users and its metadata
+        op, named = converted
+        mutated = node.args[0] if inplace else None
         if node.op == "call_module":
-            new.meta["source_module"] = node.target  # the user's module name, for reports and filters
-        node.replace_all_uses_with(new)
+            node.meta["source_module"] = node.target  # the user's module name, for reports and filters
+        node.op, node.target = "call_function", op
+        node.args, node.kwargs = ops.call(op, **named)
         if inplace:
-            _redirect_later_readers(gm.graph, node.args[0], new, node)
-        name = node.name
-        gm.graph.erase_node(node)
-        _free_name(gm.graph, name)
-        new._rename(name)  # keep the user's names (conv1, layer1_0_bn1) in reports
+            _redirect_later_readers(mutated, node, order)
     _merge_getitem_bn(gm.graph)
     _fold_rank_checks(gm.graph)
     eliminate_dead_code(gm.graph)
-    gm.graph.lint()
     return gm
-
-
-def _free_name(graph: fx.Graph, name: str):
-    """Let a replacement take an erased node's name (fx never frees names, so it would get
-    `bn1_1`). Best effort: fx keeps used names in a private set."""
-    used = getattr(graph._graph_namespace, "_used_names", None)
-    if isinstance(used, set):
-        used.discard(name)
 
 
 def _convert(ctx: _Ctx, node: fx.Node, mod):
@@ -466,11 +468,7 @@ def _convert(ctx: _Ctx, node: fx.Node, mod):
         return None
     if conv is None:
         return None
-    converted = conv(node.args, dict(node.kwargs))
-    if converted is None:
-        return None
-    op, named = converted
-    return ctx.emit(op, **named)
+    return conv(node.args, dict(node.kwargs))
 
 
 def _merge_getitem_bn(graph: fx.Graph):

@@ -41,12 +41,20 @@ class DominatorView:
 
     def __init__(self, graph: fx.Graph):
         self.graph = graph
-        self.g = to_networkx(graph)
         self.index = {n: i for i, n in enumerate(graph.nodes)}
+        # constants (`get_attr`, a third of a canonical graph) can never be reached from the
+        # inputs, so they are left out of the graph whose dominators are computed
+        self.g = nx.DiGraph()
         self.g.add_node(SOURCE)
         for node in graph.nodes:
+            if node.op == "get_attr":
+                continue
+            self.g.add_node(node)
             if node.op == "placeholder":
                 self.g.add_edge(SOURCE, node)
+            for producer in node.all_input_nodes:
+                if producer.op != "get_attr":
+                    self.g.add_edge(producer, node)
         self.idom = nx.immediate_dominators(self.g, SOURCE)
 
     def is_variable(self, node) -> bool:

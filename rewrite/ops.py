@@ -11,6 +11,7 @@ Argument access is by schema name (`arg(node, "weight")`), never by position.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -48,8 +49,17 @@ ELEMENTWISE_UNARY = {relu, gelu, silu, sigmoid, tanh, hardswish, hardsigmoid, re
 ELEMENTWISE_BINARY = {add, sub, mul, div}
 
 
-def _schema_args(op) -> list:
-    return list(op._schema.arguments)
+@functools.cache
+def _schema_args(op) -> tuple:
+    """The schema's arguments (cached: passes ask for them on every node they look at)."""
+    return tuple(op._schema.arguments)
+
+
+@functools.cache
+def _arg_table(op) -> dict:
+    """name -> (position, kwarg-only, default or None) for each schema argument of `op`."""
+    return {a.name: (i, a.kwarg_only, a.default_value if a.has_default_value() else None)
+            for i, a in enumerate(_schema_args(op))}
 
 
 def arg_names(op) -> list[str]:
@@ -58,16 +68,13 @@ def arg_names(op) -> list[str]:
 
 def arg(node: fx.Node, name: str) -> Any:
     """The value of schema argument `name` of a canonical node (a Node or a literal)."""
-    for i, a in enumerate(_schema_args(node.target)):
-        if a.name == name:
-            if a.kwarg_only:
-                return node.kwargs.get(name, a.default_value if a.has_default_value() else None)
-            if i < len(node.args):
-                return node.args[i]
-            if name in node.kwargs:
-                return node.kwargs[name]
-            return a.default_value if a.has_default_value() else None
-    raise KeyError(f"{node.target} has no argument {name!r}")
+    entry = _arg_table(node.target).get(name)
+    if entry is None:
+        raise KeyError(f"{node.target} has no argument {name!r}")
+    i, kwarg_only, default = entry
+    if not kwarg_only and i < len(node.args):
+        return node.args[i]
+    return node.kwargs.get(name, default)
 
 
 def normalize(op, args: tuple, kwargs: dict) -> tuple[tuple, dict]:

@@ -554,4 +554,5 @@ def test_bench_smoke_runs_in_the_interpreter():
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count(" ok (max scaled error") == 24
+    assert "triton copy kernel ok" in proc.stdout  # the copy ceiling's kernel copies correctly
     assert proc.stdout.strip().endswith("smoke ok")

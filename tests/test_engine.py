@@ -186,9 +186,26 @@ def test_one_recompile_per_optimize_and_timings_per_stage(monkeypatch):
     original = fx.GraphModule.recompile
     monkeypatch.setattr(fx.GraphModule, "recompile", lambda self: calls.append(1) or original(self))
     m = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()).eval()
-    fast = optimize(m, torch.randn(1, 3, 8, 8))
-    assert len(calls) == 2  # one when the traced GraphModule is built, one at the end of optimize
+    x = torch.randn(1, 3, 8, 8)
+    fast = optimize(m, x)
+    assert len(calls) == 1  # code is generated once, at the end: not for the traced graph too
+    torch.testing.assert_close(fast(x), m(x))
+    assert len(calls) == 1 and "convolution" in fast.code  # and is ready: running needs no more
     assert {"capture", "canonicalize", "fold_batchnorm", "recompile"} <= set(fast.report.timings)
+
+
+def test_rewrite_cost_bench_runs_and_counts_one_recompile(capsys):
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parent.parent / "bench" / "rewrite_cost.py"
+    spec = importlib.util.spec_from_file_location("rewrite_cost", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bench.main(["--blocks", "2", "--repvgg", "3", "--no-resnet", "--repeat", "1"])
+    rows = [line.split("|") for line in capsys.readouterr().out.splitlines() if "blocks |" in line]
+    assert [r[1].strip() for r in rows] == ["2 blocks", "3 RepVGG blocks"]
+    assert all(r[-2].strip() == "1" for r in rows)  # one code generation per optimize
+    assert rows[1][3].strip() == "14"  # input, 3 x (merged conv, its weight and bias, ReLU), output
 
 
 def test_a_bn_with_nothing_to_fold_into_says_it_stays():

@@ -380,3 +380,17 @@ def test_graphview_branch_set_and_dot():
     assert sum(n.target is ops.conv for n in branch) == 2 and sum(n.target is ops.batch_norm for n in branch) == 3
     dot = to_dot(gm.graph, highlight=branch)
     assert dot.startswith("digraph") and dot.count("fillcolor") == len(branch) and "->" in dot
+
+
+def test_a_deep_stack_is_merged_with_one_graph_analysis(monkeypatch):
+    """Each merge leaves the dominators of the roots still to visit (earlier in the graph) as
+    they were, so the pass analyses the graph once, not once per merge (which made it
+    quadratic in the depth of RepVGG-like networks)."""
+    built = []
+    original = DominatorView.__init__
+    monkeypatch.setattr(DominatorView, "__init__", lambda self, graph: built.append(1) or original(self, graph))
+    model = nn.Sequential(*[RepVGGBlock(4) for _ in range(12)], MobileOneBlock(4, 3, depthwise=True))
+    x = torch.randn(2, 4, 9, 9)
+    model, gm = deploy(model, x)
+    assert merges(gm) == 13 and count(gm, ops.conv) == 13 and len(built) == 1
+    assert_same(model, gm, x, torch.randn(1, 4, 6, 11))

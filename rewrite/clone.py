@@ -1,0 +1,66 @@
+"""`copy.deepcopy` for module trees, about three times faster.
+
+`optimize` copies the user's model before tracing it, so that nothing it does (tracing, shape
+propagation, rewriting weights) can reach the original. For a model of a few thousand modules
+`copy.deepcopy` spends most of its time in its generic machinery (`__reduce_ex__`, one
+`_reconstruct` per module and per empty hook dictionary), not in copying tensors.
+
+`copy_model` walks the plain parts of the tree itself (modules whose class keeps the default
+pickling protocol, dicts, sets of names) and hands everything else to `copy.deepcopy` with the
+same memo, so the result is the one `deepcopy` would give: tied weights stay tied, a module
+registered twice is copied once, tensors keep their storage sharing, and a class with its own
+`__deepcopy__` or `__getstate__` is copied its own way.
+"""
+from __future__ import annotations
+
+import copy
+import copyreg
+from collections import OrderedDict
+
+import torch.nn as nn
+
+_ATOMIC = (type(None), bool, int, float, complex, str, bytes)
+
+
+def copy_model(model: nn.Module) -> nn.Module:
+    """An independent deep copy of `model` (same result as `copy.deepcopy(model)`)."""
+    return _copy(model, {})
+
+
+def _plain_module_class(cls: type) -> bool:
+    """Whether `deepcopy` would copy instances of `cls` by reconstructing them from `__dict__`
+    through `nn.Module.__getstate__` / `__setstate__`, which `_copy_module` does directly."""
+    return (getattr(cls, "__deepcopy__", None) is None and cls not in copyreg.dispatch_table
+            and cls.__reduce_ex__ is object.__reduce_ex__ and cls.__reduce__ is object.__reduce__
+            and cls.__getstate__ is nn.Module.__getstate__ and cls.__setstate__ is nn.Module.__setstate__
+            and cls.__new__ is object.__new__ and not copyreg._slotnames(cls))
+
+
+def _copy(obj, memo: dict):
+    cls = type(obj)
+    if cls in _ATOMIC:
+        return obj
+    done = memo.get(id(obj))
+    if done is not None:
+        return done
+    if cls is dict or cls is OrderedDict:
+        new = cls()
+        memo[id(obj)] = new
+        for k, v in obj.items():
+            new[_copy(k, memo)] = _copy(v, memo)
+        return new
+    if cls is set and all(type(v) is str for v in obj):
+        new = set(obj)
+        memo[id(obj)] = new
+        return new
+    if isinstance(obj, nn.Module) and _plain_module_class(cls):
+        return _copy_module(obj, memo)
+    return copy.deepcopy(obj, memo)
+
+
+def _copy_module(module: nn.Module, memo: dict) -> nn.Module:
+    new = object.__new__(type(module))
+    memo[id(module)] = new
+    state = {k: _copy(v, memo) for k, v in module.__dict__.items() if k != "_compiled_call_impl"}
+    new.__setstate__(state)
+    return new

@@ -1,0 +1,107 @@
+"""Shape propagation: run a captured graph once on the example inputs and record, on each node
+that produces tensors, `node.meta["tensor_meta"]` (the `TensorMetadata` of torch.fx's
+`ShapeProp`: shape, dtype, stride, ...).
+
+Why not `ShapeProp` itself: it goes through `fx.Interpreter`'s per-node machinery and asks each
+output for its memory format (several contiguity checks per tensor), which makes it about three
+times slower than this loop on graphs of thousands of nodes, while the passes read only shapes
+and dtypes. Values are freed after their last reader, as the Interpreter does, so peak memory
+stays that of running the model.
+"""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+from torch.fx.node import map_aggregate, map_arg
+from torch.fx.passes.shape_prop import TensorMetadata
+
+
+class ShapePropagationError(RuntimeError):
+    """A node of the graph failed when run on the example inputs."""
+
+
+def tensor_metadata(t: torch.Tensor) -> TensorMetadata:
+    """Shape, dtype, strides: what passes read. The memory format is left unset (None), as in
+    the metadata made from Dynamo's fake values; nothing here needs it."""
+    return TensorMetadata(shape=t.shape, dtype=t.dtype, requires_grad=t.requires_grad, stride=tuple(t.stride()),
+                          memory_format=None, is_quantized=t.is_quantized, qparams={})
+
+
+def propagate_shapes(gm: fx.GraphModule, *args) -> None:
+    """Run `gm`'s graph on `args` node by node, recording `tensor_meta` and `type` on each node."""
+    modules = dict(gm.named_modules())
+    env: dict[fx.Node, object] = {}
+    free_after = _last_uses(gm.graph)
+    inputs = iter(args)
+    for node in gm.graph.nodes:
+        try:
+            value = _run(node, env, modules, gm, inputs, args)
+        except Exception as e:
+            raise ShapePropagationError(f"{node.format_node()} failed: {type(e).__name__}: {e}") from e
+        if node.users:
+            env[node] = value
+        found = False
+
+        def meta(v):
+            nonlocal found
+            if isinstance(v, torch.Tensor):
+                found = True
+                return tensor_metadata(v)
+            return v
+
+        node.meta["type"] = type(value)
+        summary = map_aggregate(value, meta)
+        if found:
+            node.meta["tensor_meta"] = summary
+        for dead in free_after.get(node, ()):
+            env.pop(dead, None)
+        if node.op == "output":
+            return
+
+
+def _run(node: fx.Node, env: dict, modules: dict, gm: fx.GraphModule, inputs, args):
+    if node.op == "placeholder":
+        if node.target.startswith("*"):
+            return tuple(inputs)
+        value = next(inputs, _MISSING)
+        if value is _MISSING:
+            if not node.args:
+                raise TypeError(f"the graph takes more inputs than the {len(args)} given")
+            return node.args[0]  # the forward's default value
+        return value
+    if node.op == "get_attr":
+        return _fetch(gm, node.target)
+    load = env.__getitem__
+    a = map_arg(node.args, load)
+    kw = map_arg(node.kwargs, load)
+    if node.op == "call_function":
+        return node.target(*a, **kw)
+    if node.op == "call_method":
+        return getattr(a[0], node.target)(*a[1:], **kw)
+    if node.op == "call_module":
+        return modules[node.target](*a, **kw)
+    if node.op == "output":
+        return a[0]
+    raise ValueError(f"unknown node kind {node.op!r}")
+
+
+_MISSING = object()
+
+
+def _fetch(gm: fx.GraphModule, target: str):
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _last_uses(graph: fx.Graph) -> dict[fx.Node, list[fx.Node]]:
+    """For each node, the values no later node reads (freed once it has run)."""
+    seen: set[fx.Node] = set()
+    free_after: dict[fx.Node, list[fx.Node]] = {}
+    for node in reversed(graph.nodes):
+        for used in node.all_input_nodes:
+            if used not in seen:
+                seen.add(used)
+                free_after.setdefault(node, []).append(used)
+    return free_after

@@ -1,0 +1,172 @@
+"""Capture's three fast paths give what the slow, standard ones give:
+`copy_model` == `copy.deepcopy`, `_Tracer` == `fx.Tracer`, `propagate_shapes` == `ShapeProp`."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import timm
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torchvision
+from torch.fx.passes.shape_prop import ShapeProp
+
+from rewrite.capture import _Tracer, capture
+from rewrite.clone import copy_model
+from rewrite.nn import LEAF_MODULES
+from rewrite.report import Report
+from rewrite.shapes import ShapePropagationError, propagate_shapes
+
+
+class Tied(nn.Module):
+    """Everything deepcopy must get right: a module registered twice, a parameter shared by two
+    modules, a buffer that views another buffer's storage, a hook, a plain attribute list."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.b = self.a  # the same module under two names
+        self.c = nn.Linear(4, 4)
+        self.c.weight = self.a.weight  # a tied parameter
+        self.register_buffer("table", torch.arange(8.0))
+        self.register_buffer("head", self.table[:4])  # a view of `table`
+        self.sizes = [1, 2, 3]
+        self.c.register_forward_hook(lambda m, i, o: o * 2)
+
+    def forward(self, x):
+        return self.c(self.b(x)) + self.head
+
+
+class OwnDeepcopy(nn.Linear):
+    """A class that copies itself its own way must still be copied its own way."""
+
+    copies = 0
+
+    def __deepcopy__(self, memo):
+        OwnDeepcopy.copies += 1
+        new = nn.Linear(self.in_features, self.out_features)
+        new.load_state_dict(self.state_dict())
+        return new
+
+
+def test_copy_model_keeps_ties_views_and_hooks_and_shares_nothing():
+    m = Tied()
+    c = copy_model(m)
+    assert c.b is c.a and c.c.weight is c.a.weight and c.a.weight is not m.a.weight
+    assert c.head.untyped_storage().data_ptr() == c.table.untyped_storage().data_ptr()
+    assert c.table.untyped_storage().data_ptr() != m.table.untyped_storage().data_ptr()
+    assert c.sizes == m.sizes and c.sizes is not m.sizes
+    x = torch.randn(2, 4)
+    torch.testing.assert_close(c(x), m(x))  # the hook doubles both
+    with torch.no_grad():
+        c.a.weight.add_(1.0)
+        c.table.add_(1.0)
+    assert not torch.equal(c(x), m(x)) and float(m.table[0]) == 0.0 and float(c.head[0]) == 1.0
+
+
+def test_copy_model_defers_to_a_class_with_its_own_deepcopy():
+    m = nn.Sequential(OwnDeepcopy(3, 3), nn.ReLU())
+    before = OwnDeepcopy.copies
+    c = copy_model(m)
+    assert OwnDeepcopy.copies == before + 1 and type(c[0]) is nn.Linear
+
+
+@pytest.mark.parametrize("build", [lambda: torchvision.models.resnet18(), lambda: timm.create_model("vit_tiny_patch16_224"),
+                                   lambda: torchvision.models.mobilenet_v3_small()], ids=["resnet18", "vit", "mnv3"])
+def test_copy_model_equals_deepcopy_on_real_models(build):
+    m = build().eval()
+    a, b = copy.deepcopy(m), copy_model(m)
+    assert [type(x) for x in a.modules()] == [type(x) for x in b.modules()]
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert all(p.requires_grad == q.requires_grad for p, q in zip(a.parameters(), b.parameters()))
+    assert not {id(p) for p in b.parameters()} & {id(p) for p in m.parameters()}
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(b(x), m(x))
+
+
+class _FxTracer(fx.Tracer):
+    def is_leaf_module(self, m, qualname):
+        return isinstance(m, LEAF_MODULES) or super().is_leaf_module(m, qualname)
+
+
+class Unpacks(nn.Module):
+    """Tuple unpacking of proxies: of a method's result, of `.shape`, in a helper function,
+    and in a loop (the same instruction many times)."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = nn.Linear(8, 24)
+
+    def split(self, t):
+        a, b = t.chunk(2, dim=-1)
+        return a * b
+
+    def forward(self, x):
+        n, length, d = x.shape
+        for _ in range(3):
+            q, k, v = self.qkv(x).chunk(3, dim=-1)
+            x = x + self.split(q).repeat(1, 1, 2) + k * v
+        first, second = x.unbind(1)[:2]
+        return x.reshape(n, length * d), first + second
+
+
+@pytest.mark.parametrize("build", [Unpacks, lambda: timm.create_model("vit_tiny_patch16_224"),
+                                   lambda: torchvision.models.resnet18(), lambda: timm.create_model("convnext_atto")],
+                         ids=["unpacks", "vit", "resnet18", "convnext"])
+def test_tracer_builds_the_graph_fx_builds(build):
+    m = build().eval()
+    ours, theirs = fx.GraphModule(m, _Tracer().trace(m)), fx.GraphModule(m, _FxTracer().trace(m))
+    assert ours.code == theirs.code
+
+
+def test_tracer_still_refuses_to_iterate_a_proxy():
+    class Loop(nn.Module):
+        def forward(self, x):
+            return sum(t for t in x)
+
+    with pytest.raises(fx.proxy.TraceError):
+        _Tracer().trace(Loop())
+
+
+@pytest.mark.parametrize("build,shape", [(torchvision.models.resnet18, (2, 3, 64, 64)), (Unpacks, (2, 5, 8))],
+                         ids=["resnet18", "unpacks"])
+def test_propagate_shapes_records_what_shapeprop_records(build, shape):
+    m = build().eval()
+    x = torch.randn(*shape)
+    ours, theirs = fx.symbolic_trace(m), fx.symbolic_trace(m)
+    propagate_shapes(ours, x)
+    ShapeProp(theirs).propagate(x)
+    for a, b in zip(ours.graph.nodes, theirs.graph.nodes):
+        assert a.meta.get("type") == b.meta.get("type"), a.name
+        ta, tb = a.meta.get("tensor_meta"), b.meta.get("tensor_meta")
+        assert (ta is None) == (tb is None), a.name
+        if ta is None:
+            continue
+        flat_a = ta if isinstance(ta, (tuple, list)) and not hasattr(ta, "shape") else [ta]
+        flat_b = tb if isinstance(tb, (tuple, list)) and not hasattr(tb, "shape") else [tb]
+        assert [(t.shape, t.dtype, t.stride) for t in flat_a] == [(t.shape, t.dtype, t.stride) for t in flat_b]
+
+
+def test_propagate_shapes_uses_defaults_and_names_the_failing_node():
+    class Defaults(nn.Module):
+        def forward(self, x, scale: float = 2.0):
+            return x.view(3, -1) * scale
+
+    gm = fx.symbolic_trace(Defaults())
+    propagate_shapes(gm, torch.randn(6))
+    assert tuple(next(n for n in gm.graph.nodes if n.name == "mul").meta["tensor_meta"].shape) == (3, 2)
+    with pytest.raises(ShapePropagationError, match="view"):
+        propagate_shapes(gm, torch.randn(7))
+
+
+def test_capture_leaves_the_model_alone_and_generates_code_only_when_asked():
+    m = Tied()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    gm = capture(m, torch.randn(2, 4), Report())
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+    assert not {id(p) for p in gm.parameters()} & {id(p) for p in m.parameters()}
+    x = torch.randn(2, 4)
+    torch.testing.assert_close(gm(x), m(x))  # code generated on this first call
