@@ -13,6 +13,7 @@ one `get_attr` per weight), which is what the passes and the code generation wal
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
@@ -103,8 +104,14 @@ def main(argv=None):
                     help="sizes of the RepVGG stacks (one branch merge per block); empty for none")
     ap.add_argument("--no-resnet", action="store_true")
     ap.add_argument("--repeat", type=int, default=5, help="runs per model; the table shows medians")
+    ap.add_argument("--gc-default", action="store_true",
+                    help="leave Python's garbage collector as it is during optimize (to see what holding "
+                         "off full collections saves)")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
+    if args.gc_default:
+        import rewrite.api
+        rewrite.api.no_full_collections = contextlib.nullcontext
     rows = [_row(f"{n} blocks", stacked(n), torch.randn(1, 4, 16), args.repeat) for n in _sizes(args.blocks)]
     rows += [_row(f"{n} RepVGG blocks", nn.Sequential(*[RepBlock() for _ in range(n)]).eval(),
                   torch.randn(1, 4, 8, 8), args.repeat) for n in _sizes(args.repvgg)]
@@ -114,7 +121,7 @@ def main(argv=None):
                          args.repeat))
     cols = list(dict.fromkeys(k for r in rows for k in r))
     print(f"\nMachine: {machine()}. Median milliseconds per stage of `optimize` (default exact passes) "
-          f"over {args.repeat} runs.\n")
+          f"over {args.repeat} runs{' (garbage collector left as it is)' if args.gc_default else ''}.\n")
     print(table(rows, cols))
 
 

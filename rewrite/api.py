@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import threading
 
 import torch
 import torch.fx as fx
@@ -64,15 +65,31 @@ def no_full_collections():
     Capture and rewriting allocate about ten objects per node and keep nearly all of them
     alive until the end, so each full collection (triggered every so many allocations) frees
     nothing but walks the whole heap: the model, torch, and the growing graph. That made the
-    cost of `optimize` grow faster than the graph (35% of the time at 9k nodes, measured with
-    `bench/rewrite_cost.py`). Young collections still run, less often, so short-lived cycles
-    are still freed; the previous thresholds come back on exit."""
-    before = gc.get_threshold()
-    gc.set_threshold(max(before[0], 50_000), before[1], max(before[2], 1_000_000))
+    cost of `optimize` grow faster than the graph (1.66 vs 1.31 s at 9k nodes:
+    `bench/rewrite_cost.py --gc-default`). Young collections still run, less often, so short-lived
+    cycles are still freed. The thresholds are process-wide: the first of overlapping calls
+    (threads) raises them, the last to leave puts back what was there before; automatic
+    collection switched off by the user (threshold 0) stays off."""
+    global _collections_held
+    with _collections_lock:
+        if _collections_held == 0:
+            _collections_saved[:] = gc.get_threshold()
+            if _collections_saved[0] > 0:
+                gc.set_threshold(max(_collections_saved[0], 50_000), _collections_saved[1],
+                                 max(_collections_saved[2], 1_000_000))
+        _collections_held += 1
     try:
         yield
     finally:
-        gc.set_threshold(*before)
+        with _collections_lock:
+            _collections_held -= 1
+            if _collections_held == 0:
+                gc.set_threshold(*_collections_saved)
+
+
+_collections_lock = threading.Lock()
+_collections_held = 0
+_collections_saved: list[int] = []
 
 
 def run_pipeline(gm: fx.GraphModule, selected: list[Pass], report: Report,

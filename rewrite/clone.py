@@ -20,6 +20,8 @@ from collections import OrderedDict
 import torch.nn as nn
 
 _ATOMIC = (type(None), bool, int, float, complex, str, bytes)
+# copying methods `deepcopy` would also find on the instance itself
+_OWN_PROTOCOL = frozenset({"__deepcopy__", "__reduce_ex__", "__reduce__", "__getstate__", "__setstate__"})
 
 
 def copy_model(model: nn.Module) -> nn.Module:
@@ -53,7 +55,7 @@ def _copy(obj, memo: dict):
         new = set(obj)
         memo[id(obj)] = new
         return new
-    if isinstance(obj, nn.Module) and _plain_module_class(cls):
+    if isinstance(obj, nn.Module) and _plain_module_class(cls) and not _OWN_PROTOCOL & obj.__dict__.keys():
         return _copy_module(obj, memo)
     return copy.deepcopy(obj, memo)
 

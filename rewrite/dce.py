@@ -56,13 +56,14 @@ def erase_dead_inputs(node: fx.Node) -> None:
     """Erase `node` if nothing reads it and it has no effects, then each of its inputs that
     this leaves unread, and so on up: what a rewrite at `node` made dead, in time proportional
     to that (a whole-graph sweep after each of many rewrites would make a pass quadratic)."""
-    work = [node]
+    work, erased = [node], set()
     while work:
         n = work.pop()
-        if n.graph is None or n.users or _has_effects(n):
-            continue
+        if n in erased or n.users or _has_effects(n):
+            continue  # (an input read twice, `y + bn(y)`, is pushed twice)
         inputs = n.all_input_nodes
         n.graph.erase_node(n)
+        erased.add(n)
         work.extend(inputs)
 
 

@@ -170,3 +170,48 @@ def test_capture_leaves_the_model_alone_and_generates_code_only_when_asked():
     assert not {id(p) for p in gm.parameters()} & {id(p) for p in m.parameters()}
     x = torch.randn(2, 4)
     torch.testing.assert_close(gm(x), m(x))  # code generated on this first call
+
+
+def test_capture_parts_bench_runs(capsys):
+    import importlib.util
+    import sys
+    from pathlib import Path
+    bench_dir = Path(__file__).resolve().parent.parent / "bench"
+    sys.path.insert(0, str(bench_dir))
+    try:
+        spec = importlib.util.spec_from_file_location("capture_parts", bench_dir / "capture_parts.py")
+        bench = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(bench)
+        bench.main(["--blocks", "2", "--repeat", "1", "--no-timm"])
+    finally:
+        sys.path.remove(str(bench_dir))
+    rows = [line.split("|") for line in capsys.readouterr().out.splitlines() if line.startswith("| 2 blocks")]
+    assert [r[3].strip() for r in rows] == ["copy", "trace", "shapes"]
+    assert all(r[6].strip().endswith("x") and float(r[6].strip()[:-1]) > 0 for r in rows)
+
+
+def test_copy_model_honours_a_deepcopy_set_on_the_instance():
+    m = nn.Sequential(nn.Linear(2, 2))
+    m[0].__deepcopy__ = lambda memo: nn.Identity()  # as a wrapping library might do
+    assert type(copy_model(m)[0]) is nn.Identity and type(copy.deepcopy(m)[0]) is nn.Identity
+
+
+def test_gc_thresholds_come_back_after_overlapping_optimizations():
+    import gc
+
+    from rewrite.api import no_full_collections
+    before = gc.get_threshold()
+    try:
+        first, second = no_full_collections(), no_full_collections()
+        first.__enter__()
+        second.__enter__()
+        assert gc.get_threshold()[0] >= 50_000
+        first.__exit__(None, None, None)  # threads: the first to enter may leave first
+        assert gc.get_threshold()[0] >= 50_000
+        second.__exit__(None, None, None)
+        assert gc.get_threshold() == before
+        gc.set_threshold(0)  # automatic collection off: optimize must not switch it on
+        with no_full_collections():
+            assert gc.get_threshold()[0] == 0
+    finally:
+        gc.set_threshold(*before)

@@ -394,3 +394,22 @@ def test_a_deep_stack_is_merged_with_one_graph_analysis(monkeypatch):
     model, gm = deploy(model, x)
     assert merges(gm) == 13 and count(gm, ops.conv) == 13 and len(built) == 1
     assert_same(model, gm, x, torch.randn(1, 4, 6, 11))
+
+
+def test_a_region_reading_one_value_twice_is_erased_once(recwarn):
+    """`y + bn(y)`: the conv feeding both sides is reached twice when the merged region is
+    erased; fx warns (an error under -W error) if it is erased twice."""
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            y = self.conv(x)
+            return torch.relu(y + self.bn(y))
+
+    x = torch.randn(1, 4, 8, 8)
+    model, gm = deploy(Twice(), x)
+    assert not [w for w in recwarn if "erase" in str(w.message)]
+    assert merges(gm) == 1 and count(gm, ops.conv) == 1
+    assert_same(model, gm, x)
