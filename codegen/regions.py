@@ -28,7 +28,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from rewrite import ops
-from rewrite.canonicalize import tensor_shape
+from rewrite.shapes import tensor_dtype, tensor_shape
 from rewrite.nn import DyT, SmeLU
 
 from .ir import OPS, SpecBuilder, region_name
@@ -87,12 +87,9 @@ def dtype_of(node) -> torch.dtype | None:
     """A node's dtype from shape propagation / export metadata, or from the tensor of a get_attr."""
     if not isinstance(node, fx.Node):
         return None
-    val = node.meta.get("val")
-    if isinstance(val, torch.Tensor):
-        return val.dtype
-    tm = node.meta.get("tensor_meta")
-    if tm is not None and hasattr(tm, "dtype"):
-        return tm.dtype
+    known = tensor_dtype(node)
+    if known is not None:
+        return known
     t = _attr_tensor(node)
     return t.dtype if t is not None else None
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from rewrite import ops
-from rewrite.canonicalize import tensor_shape
+from rewrite.shapes import tensor_shape
 from rewrite.passmanager import Pass, Rule
 from rewrite.pattern import Any, Lit, Op, Param
 

@@ -35,7 +35,7 @@ import torch
 import torch.fx as fx
 
 from rewrite import ops
-from rewrite.canonicalize import tensor_shape
+from rewrite.shapes import tensor_shape
 from rewrite.dce import eliminate_dead_code
 from rewrite.passmanager import Pass
 

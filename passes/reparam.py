@@ -42,10 +42,11 @@ import torch.fx as fx
 import torch.nn as nn
 
 from rewrite import ops
-from rewrite.canonicalize import tensor_shape
 from rewrite.dce import eliminate_dead_code, erase_dead_inputs
 from rewrite.graphview import DominatorView
 from rewrite.passmanager import Pass
+from rewrite.rewriter import fetch_attr
+from rewrite.shapes import tensor_dtype, tensor_shape
 
 from . import reparam_math as rm
 from .reparam_math import NotMergeable
@@ -142,15 +143,8 @@ class _Attributes(dict):
         self.gm = gm
 
     def __missing__(self, target: str):
-        value = self[target] = _fetch(self.gm, target)
+        value = self[target] = fetch_attr(self.gm, target)
         return value
-
-
-def _fetch(gm, target):
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 # ------------------------------------------------------------------ steps: each linear op of a region
@@ -481,7 +475,7 @@ def _try_root(root: fx.Node, ctx: _Context, rw) -> bool:
         if not _worthwhile(plan):
             continue
         try:
-            merged = plan.evaluate({t: _fetch(ctx.gm, t) for t in ctx.sources})
+            merged = plan.evaluate({t: fetch_attr(ctx.gm, t) for t in ctx.sources})
         except NotMergeable as e:
             reasons.append(f"{plan.describe()}: {e}")
             continue
@@ -501,8 +495,7 @@ def _rewrite(root, x, plan: Plan, merged, ctx: _Context, rw):
     targets = list(ctx.sources)
     sources = [ctx.sources[t] for t in targets]
     memo = _Memo(plan, targets)
-    val = root.meta.get("val")  # export / Dynamo metadata first, then ShapeProp's
-    dtype = getattr(val, "dtype", None) or getattr(root.meta.get("tensor_meta"), "dtype", None) or torch.float32
+    dtype = tensor_dtype(root) or torch.float32
 
     def weight_of(*tensors):
         w = memo(*tensors).weight

@@ -42,6 +42,7 @@ from rewrite import ops
 from rewrite.nn import DyT, GeneralizedSmeLU, SmeLU
 from rewrite.dce import eliminate_dead_code
 from rewrite.passmanager import Pass
+from rewrite.shapes import tensor_dtype
 
 from .swap_common import Selector, deviation, fmt_dev, install, module_path, nodes_with, run_recording
 
@@ -127,10 +128,8 @@ def _input(n: fx.Node, input_arg: str):
 
 def _to_like(module: nn.Module, node: fx.Node) -> nn.Module:
     """Put a new module on the device and floating dtype of the value it replaces."""
-    val = node.meta.get("val")
-    tm = node.meta.get("tensor_meta")
-    dtype = getattr(val, "dtype", None) or getattr(tm, "dtype", None)
-    device = getattr(val, "device", None)
+    dtype = tensor_dtype(node)
+    device = getattr(node.meta.get("val"), "device", None)
     if device is not None and device.type != "meta":
         module.to(device=device)
     if dtype is not None and dtype.is_floating_point:

@@ -5,7 +5,6 @@ import contextlib
 import gc
 import threading
 
-import torch
 import torch.fx as fx
 import torch.nn as nn
 

@@ -27,37 +27,11 @@ import torch.nn.functional as F
 from . import ops
 from .dce import eliminate_dead_code
 from .report import Report
+from .shapes import is_tensor, tensor_shape
 
 aten = torch.ops.aten
 
 # ---------------------------------------------------------------- helpers
-
-
-def is_tensor(node) -> bool:
-    """Whether an FX value is known (from shape propagation, export's `val` or Dynamo's
-    `example_value` metadata) to be a tensor."""
-    if not isinstance(node, fx.Node):
-        return False
-    val = _meta_value(node)
-    if val is not None:
-        return isinstance(val, torch.Tensor)
-    return "tensor_meta" in node.meta and hasattr(node.meta["tensor_meta"], "shape")
-
-
-def _meta_value(node: fx.Node):
-    """export writes `val`, Dynamo (torch.compile) writes `example_value`: both a (fake) tensor."""
-    val = node.meta.get("val")
-    return node.meta.get("example_value") if val is None else val
-
-
-def tensor_shape(node):
-    if not isinstance(node, fx.Node):
-        return None
-    val = _meta_value(node)
-    if isinstance(val, torch.Tensor):
-        return tuple(val.shape)
-    tm = node.meta.get("tensor_meta")
-    return tuple(tm.shape) if tm is not None and hasattr(tm, "shape") else None
 
 
 def _tuple(v, n):

@@ -13,21 +13,13 @@ import torch
 import torch.fx as fx
 
 from . import ops
-from .canonicalize import tensor_shape
+from .shapes import tensor_dtype, tensor_shape
 
 aten = torch.ops.aten
 
 _INPLACE = {ops.relu: aten.relu_.default, ops.silu: aten.silu_.default, ops.hardswish: aten.hardswish_.default,
             ops.add: aten.add_.Tensor}
 _FRESH = {ops.conv, ops.batch_norm, ops.linear, ops.add, ops.mul, ops.layer_norm, aten.add_.Tensor}
-
-
-def _dtype(node):
-    val = node.meta.get("val")
-    if isinstance(val, torch.Tensor):
-        return val.dtype
-    tm = node.meta.get("tensor_meta")
-    return getattr(tm, "dtype", None)
 
 
 def _reusable(node: fx.Node, by: fx.Node) -> bool:
@@ -47,7 +39,7 @@ def make_inplace(gm: fx.GraphModule) -> int:
         if node.target is ops.add:
             other = node.args[1]
             same = tensor_shape(node) is not None and tensor_shape(node) == tensor_shape(src)
-            if not (same and _dtype(node) == _dtype(src) and isinstance(other, fx.Node) and other is not src):
+            if not (same and tensor_dtype(node) == tensor_dtype(src) and isinstance(other, fx.Node) and other is not src):
                 continue
         node.target = _INPLACE[node.target]
         changed += 1

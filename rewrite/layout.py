@@ -18,6 +18,7 @@ import torch.fx as fx
 from . import ops
 from .report import Report
 from .rewriter import fetch_attr
+from .shapes import tensor_shape
 from .capture import as_args
 from .verify import compare
 
@@ -68,7 +69,7 @@ def _contiguous_4d_outputs(gm: fx.GraphModule) -> list[fx.Node]:
     added: list[fx.Node] = []
 
     def wrap(v):
-        if isinstance(v, fx.Node) and _rank(v) == 4:
+        if isinstance(v, fx.Node) and len(tensor_shape(v) or ()) == 4:
             with gm.graph.inserting_before(output):
                 c = gm.graph.call_method("contiguous", (v,))
             c.meta.update({k: v.meta[k] for k in ("val", "tensor_meta") if k in v.meta})
@@ -78,11 +79,3 @@ def _contiguous_4d_outputs(gm: fx.GraphModule) -> list[fx.Node]:
 
     output.args = (fx.node.map_arg(output.args[0], wrap),)
     return added
-
-
-def _rank(node: fx.Node):
-    val = node.meta.get("val")
-    if isinstance(val, torch.Tensor):
-        return val.dim()
-    tm = node.meta.get("tensor_meta")
-    return len(tm.shape) if tm is not None and hasattr(tm, "shape") else None

@@ -25,20 +25,12 @@ import torch
 import torch.fx as fx
 
 from . import ops
-from .canonicalize import tensor_shape
+from .shapes import tensor_dtype, tensor_shape
 from .dce import eliminate_dead_code
 from .report import Report
 
 aten = torch.ops.aten
 _CASTS = {aten.to.dtype, aten.to.dtype_layout, aten._to_copy.default}
-
-
-def _dtype(n) -> torch.dtype | None:
-    val = n.meta.get("val") if isinstance(n, fx.Node) else None
-    if isinstance(val, torch.Tensor):
-        return val.dtype
-    tm = n.meta.get("tensor_meta") if isinstance(n, fx.Node) else None
-    return getattr(tm, "dtype", None)
 
 
 def _is(n, target) -> bool:
@@ -104,8 +96,8 @@ def lift_decomposed_norms(gm: fx.GraphModule, report: Report) -> int:
             continue
         xf, eps, norm, chain, d = found
         cast, wmul, w = _weight_after(norm, d)
-        same = cast is None or _dtype(cast) == _dtype(norm)
-        if wmul is not None and same and _dtype(w) == _dtype(norm):
+        same = cast is None or tensor_dtype(cast) == tensor_dtype(norm)
+        if wmul is not None and same and tensor_dtype(w) == tensor_dtype(norm):
             root, weight = wmul, w
         else:
             root, weight = norm, None

@@ -1,6 +1,7 @@
 """Shape propagation: run a captured graph once on the example inputs and record, on each node
 that produces tensors, `node.meta["tensor_meta"]` (the `TensorMetadata` of torch.fx's
-`ShapeProp`: shape, dtype, stride, ...).
+`ShapeProp`: shape, dtype, stride, ...); and the one way passes read a node's shape and dtype,
+whichever capture wrote them (`is_tensor`, `tensor_shape`, `tensor_dtype`).
 
 Why not `ShapeProp` itself: it goes through `fx.Interpreter`'s per-node machinery and asks each
 output for its memory format (several contiguity checks per tensor), which makes it about three
@@ -14,6 +15,46 @@ import torch
 import torch.fx as fx
 from torch.fx.node import map_aggregate, map_arg
 from torch.fx.passes.shape_prop import TensorMetadata
+
+from .rewriter import fetch_attr
+
+
+def _meta_value(node: fx.Node):
+    """export writes `val`, Dynamo (torch.compile) writes `example_value`: both a (fake) tensor."""
+    val = node.meta.get("val")
+    return node.meta.get("example_value") if val is None else val
+
+
+def is_tensor(node) -> bool:
+    """Whether an FX value is known (from shape propagation, export's `val` or Dynamo's
+    `example_value` metadata) to be a tensor."""
+    if not isinstance(node, fx.Node):
+        return False
+    val = _meta_value(node)
+    if val is not None:
+        return isinstance(val, torch.Tensor)
+    return "tensor_meta" in node.meta and hasattr(node.meta["tensor_meta"], "shape")
+
+
+def tensor_shape(node) -> tuple | None:
+    """The shape of a node's tensor value, or None when it is unknown or not one tensor."""
+    if not isinstance(node, fx.Node):
+        return None
+    val = _meta_value(node)
+    if isinstance(val, torch.Tensor):
+        return tuple(val.shape)
+    tm = node.meta.get("tensor_meta")
+    return tuple(tm.shape) if tm is not None and hasattr(tm, "shape") else None
+
+
+def tensor_dtype(node) -> torch.dtype | None:
+    """The dtype of a node's tensor value, or None when it is unknown or not one tensor."""
+    if not isinstance(node, fx.Node):
+        return None
+    val = _meta_value(node)
+    if isinstance(val, torch.Tensor):
+        return val.dtype
+    return getattr(node.meta.get("tensor_meta"), "dtype", None)
 
 
 class ShapePropagationError(RuntimeError):
@@ -70,7 +111,7 @@ def _run(node: fx.Node, env: dict, modules: dict, gm: fx.GraphModule, inputs, ar
             return node.args[0]  # the forward's default value
         return value
     if node.op == "get_attr":
-        return _fetch(gm, node.target)
+        return fetch_attr(gm, node.target)
     load = env.__getitem__
     a = map_arg(node.args, load)
     kw = map_arg(node.kwargs, load)
@@ -86,13 +127,6 @@ def _run(node: fx.Node, env: dict, modules: dict, gm: fx.GraphModule, inputs, ar
 
 
 _MISSING = object()
-
-
-def _fetch(gm: fx.GraphModule, target: str):
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def _last_uses(graph: fx.Graph) -> dict[fx.Node, list[fx.Node]]:
