@@ -233,7 +233,7 @@ def run_gpu(args):
 def fused_call(fast, xs):
     """(spec text, input tensors) of the one fused-region call in a lowered module."""
     from codegen.runtime import OP
-    from rewrite.rewriter import fetch_attr
+    from rewrite.attrs import fetch_attr
     node = next(n for n in fast.graph.nodes if n.target is OP)
     ph = [n for n in fast.graph.nodes if n.op == "placeholder"]
     env = dict(zip(ph, xs))

@@ -20,6 +20,7 @@ import operator
 
 import torch.fx as fx
 
+from rewrite.effects import moved_read
 from rewrite.lift_norms import lift_decomposed_norms
 from rewrite.report import Report
 
@@ -57,6 +58,10 @@ def lower_to_triton(gm: fx.GraphModule, report: Report) -> list[Region]:
         except NotFusable as e:
             report.skip(PASS_NAME, node.name, f"not lowered: {e}")
             continue
+        moved = moved_read(region.nodes, _anchor(region, order))
+        if moved:
+            report.skip(PASS_NAME, node.name, f"not lowered: {moved}")
+            continue
         _replace(gm, region, op, order)
         text = dumps(region.spec)
         outs = ", ".join(o.name for o in region.outputs)
@@ -93,15 +98,20 @@ def _is_norm(gm, node) -> bool:
         return True
 
 
+def _anchor(region: Region, order: dict[fx.Node, float]) -> fx.Node:
+    """Where the fused call goes: before the region's first node that comes after all its inputs."""
+    node_inputs = [k[1] for k in region.input_keys if k[0] == "node"]
+    last = max((order[n] for n in node_inputs), default=-1)
+    return min((n for n in region.nodes if order[n] > last), key=order.get)
+
+
 def _replace(gm: fx.GraphModule, region: Region, op, order: dict[fx.Node, float]):
     """Insert the fused call (and one getitem per output) before the region's first node that
     comes after all its inputs, rewire readers, erase the region. The new nodes get positions
     between their neighbours' in `order`, so it stays valid for the regions still to come."""
     graph = gm.graph
     members = set(region.nodes)
-    node_inputs = [k[1] for k in region.input_keys if k[0] == "node"]
-    last = max((order[n] for n in node_inputs), default=-1)
-    anchor = min((n for n in region.nodes if order[n] > last), key=order.get)
+    anchor = _anchor(region, order)
     with graph.inserting_before(anchor):
         args = [key[1] if key[0] == "node" else graph.get_attr(key[1]) for key in region.input_keys]
         call = graph.call_function(op, (dumps(region.spec), args))

@@ -19,7 +19,9 @@ Backward: the gradient of the eager reference, by autograd on a recomputation of
 Kernel cache: the source is a function of (spec text, launch specialisation); its structural
 hash names a file `<kernel>_<hash>.py` under $FXREWRITE_CACHE_DIR (default
 ~/.cache/fx-rewrite/kernels), written atomically and imported once per process. Triton keeps
-its own cache of the compiled binaries.
+its own cache of the compiled binaries. The in-process kernel and launch-plan caches are LRUs
+of at most CACHE_SIZE entries each: they are keyed by shapes, and a model fed many shapes
+(dynamic batch, varying sequence lengths) must not grow them without end.
 """
 from __future__ import annotations
 
@@ -28,6 +30,8 @@ import math
 import os
 import sys
 import tempfile
+import threading
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
@@ -77,15 +81,24 @@ def _collapse_inner(sizes, strides):
     return dims[-1][1]
 
 
+def _channel_view(t: torch.Tensor, channel_view: int) -> torch.Tensor:
+    """`t` with its `channel_view` trailing unit dims (a per-channel input seen as (C, 1, 1))."""
+    return t.reshape(tuple(t.shape) + (1,) * channel_view) if channel_view else t
+
+
+def materialise(t: torch.Tensor, channel_view: int, domain) -> torch.Tensor:
+    """A contiguous copy of `t` broadcast to `domain`, for an input whose inner dims cannot be
+    walked with one stride. Its strides depend only on `domain`, so a cached launch stays valid
+    when the copy is redone for each call's tensor."""
+    return _channel_view(t, channel_view).expand(domain).contiguous()
+
+
 def plan(spec: dict, inputs: list[torch.Tensor]):
-    """Views of the inputs as rows x columns: (M, N, lead sizes, per input (tensor, lead strides,
-    column stride)). Broadcast dims get stride 0; leading dims are coalesced where every input
-    allows it, so the usual contiguous case has one leading dim."""
-    ts = []
-    for t, meta in zip(inputs, spec["inputs"]):
-        if meta["channel_view"]:
-            t = t.reshape(tuple(t.shape) + (1,) * meta["channel_view"])
-        ts.append(t)
+    """Views of the inputs as rows x columns: (domain, M, N, lead sizes, per input (tensor, lead
+    strides, column stride), indices of the inputs that had to be materialised). Broadcast dims
+    get stride 0; leading dims are coalesced where every input allows it, so the usual
+    contiguous case has one leading dim."""
+    ts = [_channel_view(t, meta["channel_view"]) for t, meta in zip(inputs, spec["inputs"])]
     domain = tuple(torch.broadcast_shapes(*[t.shape for t in ts]))
     if not domain:
         domain = (1,)
@@ -93,13 +106,14 @@ def plan(spec: dict, inputs: list[torch.Tensor]):
     inner = min(max(reduce_ndim(spec), 1), nd)
     lead, cols = list(domain[:nd - inner]), domain[nd - inner:]
     N = math.prod(cols)
-    views = []
-    for t in ts:
-        e = t.expand(domain)
+    views, copied = [], []
+    for i, (t, meta) in enumerate(zip(inputs, spec["inputs"])):
+        e = ts[i].expand(domain)
         s_n = _collapse_inner(cols, e.stride()[nd - inner:])
         if s_n is None:  # inner dims not expressible with one stride: materialise this input
-            e = e.contiguous()
+            e = materialise(t, meta["channel_view"], domain)
             s_n = _collapse_inner(cols, e.stride()[nd - inner:])
+            copied.append(i)
         views.append([e, list(e.stride()[:nd - inner]), s_n])
     # drop size-1 leading dims, then merge neighbours that every input lets us merge
     keep = [d for d, n in enumerate(lead) if n != 1]
@@ -125,7 +139,7 @@ def plan(spec: dict, inputs: list[torch.Tensor]):
         for v in views:
             v[1] = [0]
     M = math.prod(lead)
-    return domain, M, N, lead, views
+    return domain, M, N, lead, views, copied
 
 
 def _classes(views, N):
@@ -157,7 +171,44 @@ def choose_config(M: int, N: int, ct: str, has_stats: bool):
 
 # ---------------------------------------------------------------- kernel cache
 
-_KERNELS: dict[str, object] = {}
+CACHE_SIZE = 256  # entries kept by each in-process cache (kernels, launch plans)
+
+
+class LRU:
+    """A thread-safe map that keeps its `maxsize` most recently used entries (None: absent)."""
+
+    def __init__(self, maxsize: int):
+        self.maxsize = maxsize
+        self._d: OrderedDict = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key):
+        with self._lock:
+            value = self._d.get(key)
+            if value is not None:
+                self._d.move_to_end(key)
+            return value
+
+    def put(self, key, value) -> None:
+        with self._lock:
+            self._d[key] = value
+            self._d.move_to_end(key)
+            while len(self._d) > self.maxsize:
+                self._d.popitem(last=False)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._d.clear()
+
+    def values(self) -> list:
+        with self._lock:
+            return list(self._d.values())
+
+    def __len__(self) -> int:
+        return len(self._d)
+
+
+_KERNELS = LRU(CACHE_SIZE)
 
 
 def cache_dir() -> Path:
@@ -195,13 +246,13 @@ def get_kernel(spec_text: str, launch: emit.Launch):
     sys.modules[modname] = module
     mod_spec.loader.exec_module(module)
     fn = getattr(module, name)
-    _KERNELS[key] = fn
+    _KERNELS.put(key, fn)
     return fn
 
 
 # ---------------------------------------------------------------- forward
 
-_LAUNCHES: dict = {}
+_LAUNCHES = LRU(CACHE_SIZE)
 
 
 def run_triton(spec_text: str, inputs: list[torch.Tensor], config=None) -> list[torch.Tensor]:
@@ -209,20 +260,23 @@ def run_triton(spec_text: str, inputs: list[torch.Tensor], config=None) -> list[
 
     The launch (kernel, grid, integer arguments) is a function of the spec and the inputs'
     shapes, strides, dtypes and device only, so it is planned once and cached: a repeated call
-    costs the output allocation and Triton's own launch."""
+    costs the output allocation and Triton's own launch. The plan holds no tensors: inputs that
+    must be materialised are listed as (index, channel_view) and copied again from each call's
+    tensors (a cached copy would be the first call's values)."""
     target = "interpreter" if use_interpreter() else "cuda"
     key = (spec_text, config, target, tuple((tuple(t.shape), t.stride(), t.dtype, t.device) for t in inputs))
     hit = _LAUNCHES.get(key)
     if hit is None:
         hit = _plan_launch(spec_text, inputs, config, target)
-        if hit[-1]:  # no input had to be copied: the plan holds for any tensors like these
-            _LAUNCHES[key] = hit
-    kernel, grid, ints, domain, out_dtypes, consts, copied = hit
+        _LAUNCHES.put(key, hit)
+    kernel, grid, ints, domain, out_dtypes, consts, copies = hit
     dev = inputs[0].device
     outs = [torch.empty(domain, dtype=dt, device=dev) for dt in out_dtypes]
     if kernel is None:
         return outs
-    tensors = copied if isinstance(copied, list) else inputs
+    tensors = list(inputs)
+    for i, channel_view in copies:
+        tensors[i] = materialise(inputs[i], channel_view, domain)
     if dev.type == "cuda":
         with torch.cuda.device(dev):
             kernel[grid](*tensors, *outs, *ints, **consts)
@@ -232,14 +286,14 @@ def run_triton(spec_text: str, inputs: list[torch.Tensor], config=None) -> list[
 
 
 def _plan_launch(spec_text, inputs, config, target):
+    """(kernel, grid, integer args, domain, output dtypes, constexprs, copies): everything a
+    launch needs but the tensors; `copies` is ((input index, channel_view), ...) to materialise."""
     spec = loads(spec_text)
-    domain, M, N, lead, views = plan(spec, inputs)
+    domain, M, N, lead, views, copied = plan(spec, inputs)
     out_dtypes = [DTYPES[spec["nodes"][j]["dtype"]] for j in spec["outputs"]]
-    reusable = all(v[0].data_ptr() == t.data_ptr() for v, t in zip(views, inputs))
-    # with a materialised input the launch must use the copies (and is not cached)
-    tensors = True if reusable else [v[0] for v in views]
+    copies = tuple((i, spec["inputs"][i]["channel_view"]) for i in copied)
     if M * N == 0:
-        return None, None, [], domain, out_dtypes, {}, tensors
+        return None, None, [], domain, out_dtypes, {}, copies
     in_dtypes = tuple(dtype_of(t) for t in inputs)
     ct = compute_dtype(spec, in_dtypes)
     mode, block, rows, warps = config or choose_config(M, N, ct, reduce_ndim(spec) > 0)
@@ -252,7 +306,7 @@ def _plan_launch(spec_text, inputs, config, target):
         if kind in ("full", "col") and not contig:
             ints.append(s_n)
     consts = {"ROWS": rows, "BLOCK_N": block, "num_warps": warps}
-    return kernel, (triton_cdiv(M, rows),), ints, domain, out_dtypes, consts, tensors
+    return kernel, (triton_cdiv(M, rows),), ints, domain, out_dtypes, consts, copies
 
 
 def dtype_of(t: torch.Tensor) -> str:

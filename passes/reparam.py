@@ -43,9 +43,10 @@ import torch.nn as nn
 
 from rewrite import ops
 from rewrite.dce import eliminate_dead_code, erase_dead_inputs
+from rewrite.effects import moved_read
 from rewrite.graphview import DominatorView
 from rewrite.passmanager import Pass
-from rewrite.rewriter import fetch_attr
+from rewrite.attrs import fetch_attr
 from rewrite.shapes import tensor_dtype, tensor_shape
 
 from . import reparam_math as rm
@@ -275,9 +276,11 @@ def _classify(node: fx.Node, ctx: _Context) -> tuple[Step, list[fx.Node]]:
     if t is ops.pad:
         x, pad = ops.arg(node, "self"), ops.arg(node, "pad")
         value = ops.arg(node, "value")
-        if (not var(x) or ops.arg(node, "mode") != "constant" or value not in (None, 0, 0.0) or len(pad) != 4
-                or pad[0] != pad[1] or pad[2] != pad[3] or min(pad) < 0):
-            raise _NotLinear("padding that is not symmetric zero padding of H and W")
+        if not var(x) or ops.arg(node, "mode") != "constant" or value not in (None, 0, 0.0) or len(pad) != 4:
+            raise _NotLinear("padding that is not zero padding of H and W")
+        if pad[0] != pad[1] or pad[2] != pad[3] or min(pad) < 0:
+            raise NotMergeable(f"asymmetric zero padding {list(pad)} (as padding='same' with an even kernel "
+                               f"inserts) has no equivalent in a convolution's symmetric padding")
         return Step("pad", node.name, lits=dict(padding=(pad[2], pad[0])), domain="conv", macs=0), [x]
     if t is aten.alias.default and var(ops.arg(node, "self")):
         return Step("axpy", node.name, lits=dict(coefs=(1,), const_coefs=()), macs=0), [ops.arg(node, "self")]
@@ -414,9 +417,10 @@ def build_plan(region: list[fx.Node], x: fx.Node, ctx: _Context) -> Plan:
 
 # ------------------------------------------------------------------ the pass
 
-def _candidates(root: fx.Node, ctx: _Context) -> list[tuple[fx.Node, list[fx.Node]]]:
+def _candidates(root: fx.Node, ctx: _Context) -> tuple[list[tuple[fx.Node, list[fx.Node]]], str | None]:
     """(input x, region in graph order) for each dominator x of root whose region is linear and
-    private; nearest first."""
+    private, nearest first; and why the growth stopped when it stopped at a linear op that
+    cannot be merged (a near miss worth reporting), else None."""
     out = []
     order = ctx.view.index
     for x in ctx.view.dominator_chain(root):
@@ -427,10 +431,12 @@ def _candidates(root: fx.Node, ctx: _Context) -> list[tuple[fx.Node, list[fx.Nod
         try:
             for n in inner:
                 classify(n, ctx)
-        except (_NotLinear, NotMergeable):
+        except NotMergeable as e:
+            return out, f"{n.name}: {e}"
+        except _NotLinear:
             break
         out.append((x, sorted(region, key=order.__getitem__)))
-    return out
+    return out, None
 
 
 def _worthwhile(plan: Plan) -> bool:
@@ -460,8 +466,9 @@ def _try_root(root: fx.Node, ctx: _Context, rw) -> bool:
         classify(root, ctx)
     except (_NotLinear, NotMergeable):
         return False
-    reasons = []
-    for x, region in reversed(_candidates(root, ctx)):  # largest first
+    candidates, stop = _candidates(root, ctx)
+    reasons = [stop] if stop else []
+    for x, region in reversed(candidates):  # largest first
         if len(region) < 2:
             continue  # one op alone is never worth rewriting (see `_worthwhile`)
         ctx.sources = {}
@@ -484,6 +491,10 @@ def _try_root(root: fx.Node, ctx: _Context, rw) -> bool:
             reasons.append(f"{plan.describe()} -> {merged.describe()} would cost {new_macs:,} multiply-adds "
                            f"instead of {plan.macs:,}")
             continue
+        moved = moved_read(region, root)
+        if moved:
+            reasons.append(f"{plan.describe()}: {moved}")
+            continue
         _rewrite(root, x, plan, merged, ctx, rw)
         return True
     if reasons:  # the smallest region's reason: the block itself, not what surrounds it
@@ -497,12 +508,17 @@ def _rewrite(root, x, plan: Plan, merged, ctx: _Context, rw):
     memo = _Memo(plan, targets)
     dtype = tensor_dtype(root) or torch.float32
 
+    # the source that has the output's dtype: casting to *its* dtype at call time gives the same
+    # result here and keeps a replay on float64 tensors in float64 (`verify(float64=True)`)
+    like = next((i for i, s in enumerate(sources) if rw.value(s).dtype == dtype), None)
+
     def weight_of(*tensors):
         w = memo(*tensors).weight
-        return (w if w is not None else torch.eye(plan.channels, dtype=torch.float64)).to(dtype)
+        w = w if w is not None else torch.eye(plan.channels, dtype=torch.float64)
+        return w.to(tensors[like].dtype if like is not None else dtype)
 
     def bias_of(*tensors):
-        return memo(*tensors).bias.to(dtype)
+        return memo(*tensors).bias.to(tensors[like].dtype if like is not None else dtype)
 
     rw.at(root)
     w = rw.param(f"{root.name}_reparam_weight", weight_of, *sources)
@@ -581,6 +597,10 @@ def merge_conv_into_fc(gm: fx.GraphModule, rw) -> int:
         x = ops.arg(conv, "input")
         shape = tensor_shape(x)
         if len(conv.users) != 1:
+            continue
+        moved = moved_read([conv, flat, fc], fc)
+        if moved:
+            rw.report.skip(rw.pass_name, fc.name, f"conv -> flatten -> linear: {moved}")
             continue
         if shape is None or len(shape) != 4:
             rw.report.skip(rw.pass_name, fc.name, "conv -> flatten -> linear: the conv input's shape is unknown")

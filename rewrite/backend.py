@@ -35,7 +35,6 @@ when that entry point is not installed, on import of this module.
 """
 from __future__ import annotations
 
-import operator
 import re
 import sys
 import warnings
@@ -46,6 +45,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from .capture import graph_module
+from .effects import AliasMap, mutated_args, mutations
 from .report import Report
 from .shapes import tensor_metadata
 
@@ -119,22 +119,13 @@ def _bn_training(node: fx.Node) -> bool:
     return bool(training)
 
 
-def _mutated(node: fx.Node) -> bool:
-    """Whether any user writes into `node` in place (x.add_(..), operator.iadd, copy_, ...)."""
-    for user in node.users:
-        if not user.args or user.args[0] is not node:
-            if _bn_training(user):
-                return True
-            continue
-        if user.op == "call_method" and (user.target.endswith("_") and not user.target.startswith("__")
-                                         or user.target.startswith("__i")):
-            return True
-        if user.op == "call_function":
-            name = getattr(user.target, "__name__", str(user.target))
-            if user.target in (operator.iadd, operator.isub, operator.imul, operator.itruediv) or (
-                    name.endswith("_") and not name.startswith("__")) or user.kwargs.get("inplace"):
-                return True
-    return False
+def _written(graph: fx.Graph) -> Callable[[fx.Node], bool]:
+    """Whether the graph writes a placeholder in place, directly or through a view
+    (`rewrite.effects`), or updates it as a training-mode batch norm's running statistics."""
+    aliases = AliasMap(graph)
+    roots = {aliases.root(v) for w in mutations(graph) for v in mutated_args(w)}
+    stats = {v for n in graph.nodes if _bn_training(n) for v in n.all_input_nodes}
+    return lambda node: aliases.root(node) in roots or node in stats
 
 
 def _why_not_freeze(gm: fx.GraphModule, placeholders, example_inputs) -> str | None:
@@ -189,9 +180,10 @@ def freeze_parameters(gm: fx.GraphModule, placeholders, example_inputs, report: 
     taken = set(dict(work.named_children())) | {n for n, _ in work.named_buffers()} | {
         n for n, _ in work.named_parameters()}
     first = next((n for n in graph.nodes if n.op != "placeholder"), None)
+    written = _written(gm.graph)
     for i, old in enumerate(placeholders):
         value = example_inputs[i]
-        if not (isinstance(value, torch.Tensor) and _is_param_or_buffer(old)) or _mutated(old):
+        if not (isinstance(value, torch.Tensor) and _is_param_or_buffer(old)) or written(old):
             continue
         node = remap[old]
         name = _attr_name(node.name, taken)

@@ -23,11 +23,13 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.utils import parametrize
 
 from . import ops
 from .dce import eliminate_dead_code
+from .effects import hooks_of, mutated_args
 from .report import Report
-from .shapes import is_tensor, tensor_shape
+from .shapes import infer_tensor_meta, is_tensor, tensor_shape
 
 aten = torch.ops.aten
 
@@ -82,7 +84,9 @@ class _Ctx:
     def emit(self, op, /, **named):
         """A new node before the one being converted (e.g. the `aten.pad` of a padding mode)."""
         args, kwargs = ops.call(op, **named)
-        return self.graph.call_function(op, args, kwargs)
+        node = self.graph.call_function(op, args, kwargs)
+        infer_tensor_meta(node)
+        return node
 
     @staticmethod
     def call(op, /, **named):
@@ -351,24 +355,6 @@ METHOD_CONVERTERS = {
     "sigmoid_": _unary(ops.sigmoid), "tanh": _unary(ops.tanh),
 }
 
-_INPLACE_FUNCTIONS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, torch.relu_,
-                      aten.add_.Tensor, aten.sub_.Tensor, aten.mul_.Tensor, aten.div_.Tensor, aten.relu_.default,
-                      aten.silu_.default, aten.hardswish_.default, aten.hardsigmoid_.default}
-_INPLACE_MODULES = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.Hardswish, nn.Hardsigmoid)
-
-
-def _mutates_first_arg(node: fx.Node, mod=None) -> bool:
-    if node.op == "call_function":
-        return node.target in _INPLACE_FUNCTIONS or bool(node.kwargs.get("inplace")) or (
-            node.target in (F.relu, F.relu6, F.silu, F.hardswish, F.hardsigmoid, F.dropout)
-            and len(node.args) > 1 and node.args[-1] is True)
-    if node.op == "call_method":
-        return node.target.endswith("_") and not node.target.startswith("__") or node.target.startswith("__i")
-    if node.op == "call_module":
-        return isinstance(mod, _INPLACE_MODULES) and getattr(mod, "inplace", False)
-    return False
-
-
 _FRESH = ops.CANONICAL - {ops.to_dtype}
 
 
@@ -400,8 +386,9 @@ def canonicalize(gm: fx.GraphModule, report: Report) -> fx.GraphModule:
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     for node in list(gm.graph.nodes):
         mod = modules.get(node.target) if node.op == "call_module" else None
-        inplace = _mutates_first_arg(node, mod)
-        if inplace and not _can_functionalize(node):
+        written = mutated_args(node, mod)
+        inplace = bool(written)
+        if inplace and (written != [node.args[0]] or not _can_functionalize(node)):
             continue  # keep the mutation exactly as written
         with gm.graph.inserting_before(node):
             converted = _convert(ctx, node, mod)
@@ -425,6 +412,8 @@ def canonicalize(gm: fx.GraphModule, report: Report) -> fx.GraphModule:
 
 def _convert(ctx: _Ctx, node: fx.Node, mod):
     if node.op == "call_module":
+        if _kept_as_module(ctx, node, mod):
+            return None
         for cls in type(mod).__mro__:
             if cls in MODULE_CONVERTERS:
                 if type(mod) is not cls and type(mod).forward is not cls.forward:
@@ -443,6 +432,23 @@ def _convert(ctx: _Ctx, node: fx.Node, mod):
     if conv is None:
         return None
     return conv(node.args, dict(node.kwargs))
+
+
+def _kept_as_module(ctx: _Ctx, node: fx.Node, mod) -> bool:
+    """A module whose call does more than its class's maths stays a module call, with the reason:
+    hooks run only when the module is called, and a parametrized weight is computed on each
+    call (it is no `get_attr` constant)."""
+    why = None
+    hooks = hooks_of(mod)
+    if hooks:
+        why = f"it has {' and '.join(hooks)}, which run only when the module is called"
+    elif parametrize.is_parametrized(mod):
+        names = ", ".join(mod.parametrizations.keys())
+        why = f"its {names} is computed by a parametrization ({type(mod).__name__}) on every call"
+    if why is None:
+        return False
+    ctx.report.skip("canonicalize", node.name, f"{type(mod).__name__} kept as a module call: {why}")
+    return True
 
 
 def _merge_getitem_bn(graph: fx.Graph):

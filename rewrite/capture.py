@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import bisect
 import dis
+import inspect
 import sys
 import traceback
 
@@ -16,7 +17,8 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.fx._lazy_graph_module import _LazyGraphModule
 
-from .clone import copy_model
+from .clone import clone_inputs, copy_model, preserved_buffers
+from .effects import hooks_of
 from .report import Report
 from .shapes import propagate_shapes
 
@@ -36,8 +38,10 @@ class _Tracer(fx.Tracer):
         self.instructions: dict = {}  # code object -> (instructions, their offsets)
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        """A module with hooks stays one call too: tracing through its `forward` would drop them
+        (they run only in `__call__`), which plain `symbolic_trace` does silently."""
         from .nn import LEAF_MODULES
-        return isinstance(m, LEAF_MODULES) or super().is_leaf_module(m, qualname)
+        return isinstance(m, LEAF_MODULES) or bool(hooks_of(m)) or super().is_leaf_module(m, qualname)
 
     def create_arg(self, a):
         kind = type(a)
@@ -129,11 +133,25 @@ def _disable_cache(model: nn.Module, report: Report):
         report.note("capture", "model", "config.use_cache set to False on the copy (a KV cache cannot be exported)")
 
 
+def _check_arity(model: nn.Module, args, kwargs):
+    """Example inputs that `forward` does not take are an error, not something to drop silently
+    (a trace reads only as many inputs as `forward` has)."""
+    try:
+        signature = inspect.signature(model.forward)
+    except (TypeError, ValueError):
+        return  # a forward without a readable signature: let the capture decide
+    try:
+        signature.bind(*args, **kwargs)
+    except TypeError as e:
+        raise InputError(f"{type(model).__name__}.forward{signature} does not take the example inputs "
+                         f"({len(args)} positional, keywords {sorted(kwargs)}): {e}") from None
+
+
 def _check_model_runs(model: nn.Module, args, kwargs):
     """Tell a model that cannot run on its inputs apart from one that cannot be captured."""
     try:
         with torch.no_grad():
-            copy_model(model)(*args, **kwargs)
+            copy_model(model)(*clone_inputs(args), **clone_inputs(kwargs))
     except Exception as e:
         dtypes = sorted({str(a.dtype).replace("torch.", "") for a in list(args) + list(kwargs.values())
                          if isinstance(a, torch.Tensor)})
@@ -166,11 +184,27 @@ def recompile(gm: fx.GraphModule) -> None:
         gm.real_recompile()
 
 
+def _keep_root_hooks(root: nn.Module, gm: fx.GraphModule, report: Report):
+    """`symbolic_trace` traces the root's `forward`, not its `__call__`, so hooks registered on
+    the model itself would be lost: they move to the GraphModule, which runs them the same way
+    (the `module` they receive is then the GraphModule)."""
+    moved = []
+    for name in ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+                 "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks"):
+        hooks = getattr(root, name, None)
+        if hooks:
+            getattr(gm, name).update(hooks)
+            moved.append(name.strip("_").replace("_", " "))
+    if moved:
+        report.note("capture", "model", f"the model's own hooks are kept on the result ({', '.join(moved)})")
+
+
 def capture(model: nn.Module, example_inputs, report: Report) -> fx.GraphModule:
     """A GraphModule equivalent to `model` on inputs like `example_inputs` (model untouched)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"optimize expects an nn.Module, got {type(model).__name__}")
     args, kwargs = as_args(example_inputs)
+    _check_arity(model, args, kwargs)
     work = copy_model(model)
     failures = []
     if not kwargs:
@@ -182,9 +216,11 @@ def capture(model: nn.Module, example_inputs, report: Report) -> fx.GraphModule:
         if gm is not None:
             gm.training = model.training
             try:
-                propagate_shapes(gm, *args)
+                with preserved_buffers(gm):
+                    propagate_shapes(gm, *clone_inputs(args))
                 report.note("capture", "model", f"symbolic_trace: {len(gm.graph.nodes)} nodes")
-                gm.meta["example_inputs"] = (args, kwargs)  # for passes that measure what they change
+                _keep_root_hooks(work, gm, report)
+                gm.meta["example_inputs"] = clone_inputs((args, kwargs))  # for passes that measure
                 return gm
             except Exception as e:
                 _check_model_runs(model, args, kwargs)
@@ -197,7 +233,7 @@ def capture(model: nn.Module, example_inputs, report: Report) -> fx.GraphModule:
         gm.training = model.training
         report.note("capture", "model", f"torch.export: {len(gm.graph.nodes)} nodes"
                     + (f" ({failures[0]})" if failures else ""))
-        gm.meta["example_inputs"] = (args, kwargs)  # for passes that measure what they change
+        gm.meta["example_inputs"] = clone_inputs((args, kwargs))  # for passes that measure
         return gm
     except Exception as e:
         _check_model_runs(model, args, kwargs)

@@ -13,10 +13,12 @@ registered twice is copied once, tensors keep their storage sharing, and a class
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import copyreg
 from collections import OrderedDict
 
+import torch
 import torch.nn as nn
 
 _ATOMIC = (type(None), bool, int, float, complex, str, bytes)
@@ -25,8 +27,21 @@ _OWN_PROTOCOL = frozenset({"__deepcopy__", "__reduce_ex__", "__reduce__", "__get
 
 
 def copy_model(model: nn.Module) -> nn.Module:
-    """An independent deep copy of `model` (same result as `copy.deepcopy(model)`)."""
-    return _copy(model, {})
+    """An independent deep copy of `model` (same result as `copy.deepcopy(model)`, and also for
+    modules holding a computed tensor, which `deepcopy` refuses: see `_computed_tensors`)."""
+    return _copy(model, _computed_tensors(model))
+
+
+def _computed_tensors(model: nn.Module) -> dict:
+    """A deepcopy memo that copies each non-leaf tensor a module holds as a plain attribute as a
+    detached tensor. The legacy `torch.nn.utils.weight_norm` keeps such a `weight`, recomputed
+    by its pre-hook on every call, so the copy's value is replaced before it is ever read."""
+    memo = {}
+    for module in model.modules():
+        for value in module.__dict__.values():
+            if isinstance(value, torch.Tensor) and not value.is_leaf:
+                memo[id(value)] = value.detach().clone()
+    return memo
 
 
 def _plain_module_class(cls: type) -> bool:
@@ -66,3 +81,29 @@ def _copy_module(module: nn.Module, memo: dict) -> nn.Module:
     state = {k: _copy(v, memo) for k, v in module.__dict__.items() if k != "_compiled_call_impl"}
     new.__setstate__(state)
     return new
+
+
+def clone_inputs(value):
+    """A copy of every tensor in nested inputs (tuples, lists, dicts), so that a model that
+    writes into its input in place (`x.relu_()`) cannot reach the caller's tensors."""
+    if isinstance(value, torch.Tensor):
+        return value.clone()
+    if isinstance(value, (tuple, list)):
+        return type(value)(clone_inputs(v) for v in value)
+    if isinstance(value, dict):
+        return type(value)((k, clone_inputs(v)) for k, v in value.items())
+    return value
+
+
+@contextlib.contextmanager
+def preserved_buffers(module: nn.Module):
+    """Run code on `module` and put its buffers back afterwards: a forward pass the library makes
+    for itself (shape propagation, measuring) must not move a train-mode BatchNorm's running
+    statistics or any other state the model updates as it runs."""
+    saved = [(b, b.clone()) for b in dict.fromkeys(module.buffers())]
+    try:
+        yield module
+    finally:
+        with torch.no_grad():
+            for b, value in saved:
+                b.copy_(value)

@@ -2,44 +2,15 @@
 
 FX's own `eliminate_dead_code` treats `x.add_(1)` (a call_method) or an in-place `operator.iadd`
 whose result is unused as dead and deletes it, which silently changes the model. Here a node is
-kept when it may mutate or have effects: in-place functions and methods, mutable ATen schemas,
-and every module call except those known to be pure.
+kept when it may mutate or have effects (`rewrite.effects.may_have_effects`): in-place functions
+and methods, mutable ATen schemas, and every module call except those known to be pure.
 """
 from __future__ import annotations
 
-import operator
-
 import torch
 import torch.fx as fx
-import torch.nn as nn
 
-_INPLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.setitem,
-                      operator.ifloordiv, operator.imod, operator.ipow, operator.iand, operator.ior}
-_PURE_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.LayerNorm, nn.ReLU, nn.GELU, nn.SiLU,
-                 nn.Identity, nn.Dropout, nn.Flatten, nn.AdaptiveAvgPool2d, nn.MaxPool2d, nn.AvgPool2d)
-
-
-def may_have_effects(node: fx.Node) -> bool:
-    if node.op in ("placeholder", "output"):
-        return True
-    if node.op == "call_method":
-        return node.target.endswith("_") or node.target.startswith("__i") or node.target == "__setitem__"
-    if node.op == "call_module":
-        mod = node.graph.owning_module.get_submodule(node.target)
-        return not (isinstance(mod, _PURE_MODULES) and not getattr(mod, "inplace", False))
-    if node.op == "call_function":
-        t = node.target
-        if t in _INPLACE_OPERATORS or node.kwargs.get("inplace") is True or node.kwargs.get("out") is not None:
-            return True
-        if isinstance(t, torch._ops.OpOverload):
-            return t._schema.is_mutable or node.is_impure()
-        code = getattr(t, "__code__", None)  # F.relu(x, True): `inplace` given by position
-        if code is not None and "inplace" in code.co_varnames[:code.co_argcount]:
-            i = code.co_varnames.index("inplace")
-            if len(node.args) > i and node.args[i] is True:
-                return True
-        return getattr(t, "__name__", "").endswith("_") or node.is_impure()
-    return False
+from .effects import may_have_effects
 
 
 def eliminate_dead_code(graph: fx.Graph) -> bool:

@@ -27,6 +27,7 @@ import torch.fx as fx
 from . import ops
 from .shapes import tensor_dtype, tensor_shape
 from .dce import eliminate_dead_code
+from .effects import moved_read
 from .report import Report
 
 aten = torch.ops.aten
@@ -101,6 +102,11 @@ def lift_decomposed_norms(gm: fx.GraphModule, report: Report) -> int:
             root, weight = wmul, w
         else:
             root, weight = norm, None
+        replaced = chain + [norm] + ([n for n in (cast, wmul) if n is not None] if root is wmul else [])
+        moved = moved_read(replaced, root)
+        if moved:
+            report.skip("lift_norms", root.name, f"decomposed RMSNorm left as it is: {moved}")
+            continue
         with graph.inserting_before(root):
             args, kwargs = ops.call(ops.rms_norm, input=xf, normalized_shape=[d], weight=weight, eps=eps)
             new = graph.call_function(ops.rms_norm, args, kwargs)

@@ -23,6 +23,7 @@ import torch.fx as fx
 from . import ops
 from .pattern import Match, NoMatch, Op, match
 from .dce import eliminate_dead_code
+from .effects import moved_read
 from .report import Report
 from .rewriter import Derivation, Rewriter
 
@@ -102,11 +103,11 @@ def _try(rule: Rule, node: fx.Node, near_misses: dict) -> Match | None:
         if e.depth > 0:
             near_misses.setdefault(node.name, f"{rule.name}: {e.reason}")
         return None
-    if rule.check is not None:
-        reason = rule.check(**m.captures)
-        if reason:
-            near_misses[node.name] = f"{rule.name}: {reason}"
-            return None
+    reason = rule.check(**m.captures) if rule.check is not None else None
+    reason = reason or moved_read(m.nodes, node)  # the replacement is computed at the root
+    if reason:
+        near_misses[node.name] = f"{rule.name}: {reason}"
+        return None
     return m
 
 

@@ -72,6 +72,7 @@ class Report:
         lines.append(f"summary: {self.summary()}")
         if self.error is not None:
             lines.append("error: " + "; ".join(f"{k}: max abs {v['max_abs']:.3g}, max rel {v['max_rel']:.3g}"
+                                             + (f" (within {v['tolerance']})" if v.get("tolerance") else "")
                                              for k, v in self.error.items()))
         return "\n".join(lines)
 

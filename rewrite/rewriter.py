@@ -15,7 +15,9 @@ import torch.fx as fx
 import torch.nn as nn
 
 from . import ops
+from .attrs import fetch_attr
 from .report import Report
+from .shapes import infer_tensor_meta
 
 
 @dataclass
@@ -28,11 +30,12 @@ class Derivation:
     pass_name: str
 
 
-def fetch_attr(gm: nn.Module, target: str):
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
+def _contiguous(fn: Callable) -> Callable:
+    """`fn` whose result is made contiguous (the recorded derivation, so replays agree too)."""
+    def derive(*values):
+        return fn(*values).contiguous()
+    derive.__wrapped__ = fn
+    return derive
 
 
 class Rewriter:
@@ -62,13 +65,18 @@ class Rewriter:
     def call(self, op, /, **named) -> fx.Node:
         args, kwargs = ops.call(op, **named)
         with self.graph.inserting_before(self._anchor):
-            return self.graph.call_function(op, args, kwargs)
+            node = self.graph.call_function(op, args, kwargs)
+        infer_tensor_meta(node)
+        return node
 
     def param(self, hint: str, fn: Callable, *sources) -> fx.Node:
         """A new constant `fn(*sources)`, where sources are get_attr nodes, None or literals.
 
         Registered as a Parameter if any source tensor is one (so it still trains), else a buffer.
+        Always contiguous: a weight computed through an einsum or a convolution can come out
+        channels-last, which would change the memory format of every activation after it.
         """
+        fn = _contiguous(fn)
         values = [self.value(s) for s in sources]
         with torch.no_grad():
             result = fn(*values)

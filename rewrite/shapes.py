@@ -16,7 +16,7 @@ import torch.fx as fx
 from torch.fx.node import map_aggregate, map_arg
 from torch.fx.passes.shape_prop import TensorMetadata
 
-from .rewriter import fetch_attr
+from .attrs import fetch_attr
 
 
 def _meta_value(node: fx.Node):
@@ -139,3 +139,32 @@ def _last_uses(graph: fx.Graph) -> dict[fx.Node, list[fx.Node]]:
                 seen.add(used)
                 free_after.setdefault(node, []).append(used)
     return free_after
+
+
+def infer_tensor_meta(node: fx.Node) -> None:
+    """Give a node a pass inserted its `tensor_meta`, by running its op on meta tensors shaped
+    like its inputs (no data is touched). Without it, what comes after the node would have an
+    unknown input shape and rewrites that need one would be skipped (a `pad` that
+    canonicalisation inserts for `padding="same"` hid the conv after it from branch merging).
+    Left unknown when an input's shape is unknown or symbolic, or the op fails on meta."""
+    if node.op != "call_function" or is_tensor(node):
+        return
+    missing = []
+
+    def as_meta(v):
+        shape, dtype = tensor_shape(v), tensor_dtype(v)
+        if shape is None or dtype is None or not all(isinstance(d, int) for d in shape):
+            missing.append(v)
+            return None
+        return torch.empty(shape, dtype=dtype, device="meta")
+
+    args = map_arg(node.args, as_meta)
+    kwargs = map_arg(node.kwargs, as_meta)
+    if missing:
+        return
+    try:
+        value = node.target(*args, **kwargs)
+    except Exception:  # an op without a meta kernel: the shape stays unknown, as before
+        return
+    if isinstance(value, torch.Tensor):
+        node.meta["tensor_meta"] = tensor_metadata(value)

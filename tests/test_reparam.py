@@ -15,7 +15,7 @@ from rewrite.canonicalize import canonicalize
 from rewrite.capture import capture
 from rewrite.graphview import DominatorView, to_dot
 from rewrite.report import Report
-from rewrite.rewriter import fetch_attr
+from rewrite.attrs import fetch_attr
 
 from conftest import count, randomize_bn
 

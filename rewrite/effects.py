@@ -1,0 +1,195 @@
+"""What a node writes, which values may share memory, and which rewrites would reorder them.
+
+A captured graph is a program with an order. Canonicalisation makes in-place ops functional
+where that is provably the same, but a mutation of a model input, a parameter or a view stays
+as written (`x.relu_()` on an input, `v.add_(1)` on a view). Around such a mutation the order
+of reads matters: a value read before `x.relu_()` is not the value read after it.
+
+A rewrite computes its replacement at one place (the matched root, or the first node after a
+region's inputs), so every read of the match moves there. This module answers whether that
+moves a read across a mutation of what it reads (`moved_read`), and is the one place that
+knows which nodes mutate (`mutated_args`), which may have effects a dead-code pass must keep
+(`may_have_effects`), which values may alias (`AliasMap`) and which modules carry hooks
+(`hooks_of`).
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+_INPLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.setitem,
+                      operator.ifloordiv, operator.imod, operator.ipow, operator.iand, operator.ior,
+                      operator.ixor, operator.ilshift, operator.irshift, operator.imatmul}
+_PURE_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.LayerNorm, nn.ReLU, nn.GELU, nn.SiLU,
+                 nn.Identity, nn.Dropout, nn.Flatten, nn.AdaptiveAvgPool2d, nn.MaxPool2d, nn.AvgPool2d)
+
+# ---------------------------------------------------------------- writes
+
+
+def _inplace_flag(node: fx.Node) -> bool:
+    """`F.relu(x, inplace=True)` or `F.relu(x, True)`: the `inplace` parameter, by name or position."""
+    if node.kwargs.get("inplace") is True:
+        return True
+    code = getattr(node.target, "__code__", None)
+    if code is not None and "inplace" in code.co_varnames[:code.co_argcount]:
+        i = code.co_varnames.index("inplace")
+        return len(node.args) > i and node.args[i] is True
+    return False
+
+
+def _schema_writes(node: fx.Node) -> list:
+    """The arguments an ATen overload's schema marks as written (`Tensor(a!)`)."""
+    out = []
+    for i, a in enumerate(node.target._schema.arguments):
+        if a.alias_info is not None and a.alias_info.is_write:
+            v = node.args[i] if not a.kwarg_only and i < len(node.args) else node.kwargs.get(a.name)
+            out.append(v)
+    return out
+
+
+def mutated_args(node: fx.Node, module: nn.Module | None = None) -> list[fx.Node]:
+    """The graph values `node` writes in place (empty for a functional node)."""
+    written: list = []
+    first = node.args[0] if node.args else None
+    if node.op == "call_function":
+        t = node.target
+        if isinstance(t, torch._ops.OpOverload):
+            written = _schema_writes(node)
+        elif t in _INPLACE_OPERATORS or _inplace_flag(node) or (
+                getattr(t, "__name__", "").endswith("_") and not getattr(t, "__name__", "").startswith("__")):
+            written = [first]
+        if node.kwargs.get("out") is not None:
+            written.append(node.kwargs["out"])
+    elif node.op == "call_method":
+        t = node.target
+        if (t.endswith("_") and not t.startswith("__")) or t.startswith("__i") or t == "__setitem__":
+            written = [first]
+    elif node.op == "call_module":
+        mod = module if module is not None else node.graph.owning_module.get_submodule(node.target)
+        if getattr(mod, "inplace", False) is True:
+            written = [first]
+    return [v for v in written if isinstance(v, fx.Node)]
+
+
+def may_have_effects(node: fx.Node) -> bool:
+    """Whether erasing `node` (when nothing reads its result) could change the program: it writes
+    in place, is impure, or is a module call not known to be pure."""
+    if node.op in ("placeholder", "output"):
+        return True
+    if node.op == "call_module":
+        mod = node.graph.owning_module.get_submodule(node.target)
+        return not (isinstance(mod, _PURE_MODULES) and not getattr(mod, "inplace", False) and not hooks_of(mod))
+    if node.op in ("call_function", "call_method"):
+        if mutated_args(node):
+            return True
+        if node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload):
+            return node.target._schema.is_mutable or node.is_impure()
+        return node.op == "call_function" and node.is_impure()
+    return False
+
+
+# ---------------------------------------------------------------- aliasing
+
+_VIEW_METHODS = {"view", "view_as", "reshape", "reshape_as", "flatten", "unflatten", "transpose", "permute",
+                 "t", "expand", "expand_as", "unsqueeze", "squeeze", "narrow", "select", "chunk", "split",
+                 "unbind", "as_strided", "diagonal", "movedim", "swapaxes", "detach", "contiguous", "to",
+                 "type", "type_as", "float", "double", "half", "bfloat16", "__getitem__", "real", "imag",
+                 "view_as_real", "view_as_complex", "unfold", "split_with_sizes", "tensor_split"}
+_FRESH_METHODS = {"add", "sub", "mul", "div", "matmul", "sum", "mean", "softmax", "log_softmax", "relu",
+                  "sigmoid", "tanh", "exp", "log", "pow", "sqrt", "rsqrt", "neg", "abs", "clone", "norm",
+                  "max", "min", "amax", "amin", "var", "std", "cumsum", "__add__", "__sub__", "__mul__",
+                  "__truediv__", "__radd__", "__rsub__", "__rmul__", "__rtruediv__", "__neg__", "__matmul__",
+                  "size", "dim", "numel"}
+
+
+_TORCH_MODULES = ("torch", "torch.nn.functional", "torch._C._nn", "torch.functional", "_operator", "operator")
+
+
+def _may_alias_input(node: fx.Node) -> bool:
+    """Whether `node`'s result may share memory with one of its tensor inputs. Unknown calls
+    are assumed to (a module may return its input, `nn.Identity`); canonical ATen ops say in
+    their schema."""
+    if node.op == "call_function":
+        t = node.target
+        if isinstance(t, torch._ops.OpOverload):
+            return any(r.alias_info is not None for r in t._schema.returns)
+        if t is operator.getitem or mutated_args(node):
+            return True
+        name = getattr(t, "__name__", "")
+        if name in _VIEW_METHODS:
+            return True
+        return getattr(t, "__module__", None) not in _TORCH_MODULES and name not in _FRESH_METHODS
+    if node.op == "call_method":
+        return node.target not in _FRESH_METHODS or bool(mutated_args(node))
+    return node.op == "call_module"
+
+
+class AliasMap:
+    """Which values of a graph may share memory: a union-find over "may alias an input" edges,
+    so a mutation of a view is seen as a mutation of its base and of every other view."""
+
+    def __init__(self, graph: fx.Graph):
+        self.parent: dict[fx.Node, fx.Node] = {}
+        for node in graph.nodes:
+            if node.op in ("call_function", "call_method", "call_module") and _may_alias_input(node):
+                for v in node.all_input_nodes:
+                    self._union(node, v)
+
+    def root(self, v: fx.Node) -> fx.Node:
+        p = self.parent.get(v, v)
+        if p is v:
+            return v
+        r = self.root(p)
+        self.parent[v] = r
+        return r
+
+    def _union(self, a: fx.Node, b: fx.Node):
+        ra, rb = self.root(a), self.root(b)
+        if ra is not rb:
+            self.parent[ra] = rb
+
+
+# ---------------------------------------------------------------- reads moved past writes
+
+def mutations(graph: fx.Graph) -> list[fx.Node]:
+    """The nodes of `graph` that write a graph value in place."""
+    return [n for n in graph.nodes if n.op in ("call_function", "call_method", "call_module") and mutated_args(n)]
+
+
+def moved_read(matched, at: fx.Node) -> str | None:
+    """Why computing the nodes `matched` at `at` (before it) instead of where they are would
+    change what they read, or None when it would not: no value read by a matched node from
+    outside the match is written in place (through any alias) between that node and `at`."""
+    graph = at.graph
+    writers = mutations(graph)
+    if not writers:
+        return None  # the usual canonical graph: nothing to reorder
+    members = set(matched)
+    position = {n: i for i, n in enumerate(graph.nodes)}
+    aliases = AliasMap(graph)
+    written = [(position[w], w, {aliases.root(v) for v in mutated_args(w)}) for w in writers]
+    where = position[at]
+    for node in matched:
+        lo, hi = sorted((position[node], where))
+        for v in node.all_input_nodes:
+            if v in members:
+                continue
+            base = aliases.root(v)
+            for pos, w, roots in written:
+                if lo < pos < hi and w not in members and base in roots:
+                    return (f"{node.name} reads {v.name}, which {w.name} writes in place in between; "
+                            f"computing it at {at.name} would read another value")
+    return None
+
+
+# ---------------------------------------------------------------- hooks
+
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
+def hooks_of(module: nn.Module) -> list[str]:
+    """Names of the kinds of hooks registered on `module` itself (empty when none)."""
+    return [d.strip("_").replace("_", " ") for d in _HOOK_DICTS if getattr(module, d, None)]
