@@ -26,7 +26,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.utils._pytree as pytree
 
-from rewrite.clone import clone_inputs, preserved_buffers
+from rewrite.clone import clone_inputs, preserved_state
 
 
 # ---------------------------------------------------------------- where an op came from
@@ -159,7 +159,7 @@ def run_recording(gm: fx.GraphModule, wanted: dict[fx.Node, object]):
     args, kwargs = example
     rec = _Recorder(gm, wanted)
     try:
-        with torch.no_grad(), preserved_buffers(gm):
+        with torch.no_grad(), preserved_state(gm):
             out = rec.run(*_flat_inputs(gm, clone_inputs(args), clone_inputs(kwargs)))
     except Exception as e:  # measuring is a report, never a reason to fail the swap
         return None, f"not measured: running the graph failed ({type(e).__name__}: {str(e)[:120]})"

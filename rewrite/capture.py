@@ -17,7 +17,7 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.fx._lazy_graph_module import _LazyGraphModule
 
-from .clone import clone_inputs, copy_model, preserved_buffers
+from .clone import clone_inputs, copy_model, preserved_state
 from .effects import hooks_of
 from .report import Report
 from .shapes import propagate_shapes
@@ -150,7 +150,7 @@ def _check_arity(model: nn.Module, args, kwargs):
 def _check_model_runs(model: nn.Module, args, kwargs):
     """Tell a model that cannot run on its inputs apart from one that cannot be captured."""
     try:
-        with torch.no_grad():
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
             copy_model(model)(*clone_inputs(args), **clone_inputs(kwargs))
     except Exception as e:
         dtypes = sorted({str(a.dtype).replace("torch.", "") for a in list(args) + list(kwargs.values())
@@ -216,7 +216,7 @@ def capture(model: nn.Module, example_inputs, report: Report) -> fx.GraphModule:
         if gm is not None:
             gm.training = model.training
             try:
-                with preserved_buffers(gm):
+                with preserved_state(gm):
                     propagate_shapes(gm, *clone_inputs(args))
                 report.note("capture", "model", f"symbolic_trace: {len(gm.graph.nodes)} nodes")
                 _keep_root_hooks(work, gm, report)

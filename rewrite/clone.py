@@ -83,27 +83,34 @@ def _copy_module(module: nn.Module, memo: dict) -> nn.Module:
     return new
 
 
-def clone_inputs(value):
-    """A copy of every tensor in nested inputs (tuples, lists, dicts), so that a model that
-    writes into its input in place (`x.relu_()`) cannot reach the caller's tensors."""
+def clone_inputs(value, double: bool = False):
+    """A private copy of every tensor in nested inputs (tuples, namedtuples, lists, dicts), so
+    that a model that writes into its input in place (`x.relu_()`) cannot reach the caller's
+    tensors; floating tensors in float64 if `double`."""
     if isinstance(value, torch.Tensor):
-        return value.clone()
+        value = value.detach()
+        return value.to(torch.float64, copy=True) if double and value.is_floating_point() else value.clone()
     if isinstance(value, (tuple, list)):
-        return type(value)(clone_inputs(v) for v in value)
+        items = [clone_inputs(v, double) for v in value]
+        return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
     if isinstance(value, dict):
-        return type(value)((k, clone_inputs(v)) for k, v in value.items())
+        return type(value)((k, clone_inputs(v, double)) for k, v in value.items())
     return value
 
 
 @contextlib.contextmanager
-def preserved_buffers(module: nn.Module):
-    """Run code on `module` and put its buffers back afterwards: a forward pass the library makes
-    for itself (shape propagation, measuring) must not move a train-mode BatchNorm's running
-    statistics or any other state the model updates as it runs."""
-    saved = [(b, b.clone()) for b in dict.fromkeys(module.buffers())]
+def preserved_state(module: nn.Module):
+    """Run code on `module` and leave no trace of it: its buffers are put back afterwards (a
+    train-mode BatchNorm updates its running statistics as it runs; a buffer reassigned rather
+    than updated is put back too) and the global RNG is forked (dropout draws from it). A
+    forward pass the library makes for itself (shape propagation, measuring, `verify`) must not
+    change the model it runs or the caller's random stream."""
+    saved = [(m, name, b, b.clone()) for m in module.modules() for name, b in m._buffers.items() if b is not None]
     try:
-        yield module
+        with torch.random.fork_rng(devices=[]):
+            yield module
     finally:
         with torch.no_grad():
-            for b, value in saved:
+            for m, name, b, value in saved:
                 b.copy_(value)
+                m._buffers[name] = b

@@ -23,7 +23,7 @@ from .report import Report
 from .attrs import fetch_attr
 from .shapes import tensor_shape
 from .capture import as_args
-from .clone import clone_inputs, preserved_buffers
+from .clone import clone_inputs, preserved_state
 from .verify import compare
 
 NAME = "layout"
@@ -69,7 +69,7 @@ def _run(gm: fx.GraphModule, args, kwargs):
     """The graph's outputs on copies of the inputs, its buffers put back afterwards. GraphModule
     prints the generated code around a failing line to stderr; a failure here is an expected
     answer (reported as a skip), so that print is kept from the user."""
-    with torch.no_grad(), preserved_buffers(gm), contextlib.redirect_stderr(io.StringIO()):
+    with torch.no_grad(), preserved_state(gm), contextlib.redirect_stderr(io.StringIO()):
         return gm(*clone_inputs(args), **clone_inputs(kwargs))
 
 

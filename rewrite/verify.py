@@ -23,13 +23,13 @@ were (see `_run`).
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 
 from .capture import as_args
+from .clone import clone_inputs, copy_model, preserved_state
 
 K = 8  # multiples of eager's own rounding an exact rewrite may show (see the module docstring)
 _SEED = 0  # every model run starts from it: dropout draws the same masks in both models
@@ -98,35 +98,14 @@ def flatten_outputs(out, prefix: str = "out") -> dict[str, torch.Tensor]:
     return flat
 
 
-def _copy_inputs(x, double: bool = False):
-    """A private copy of every tensor in `x` (floating ones in float64 if `double`)."""
-    if isinstance(x, torch.Tensor):
-        x = x.detach()
-        return x.to(torch.float64, copy=True) if double and x.is_floating_point() else x.clone()
-    if isinstance(x, (tuple, list)):
-        items = [_copy_inputs(v, double) for v in x]
-        return type(x)(*items) if hasattr(x, "_fields") else type(x)(items)  # namedtuples too
-    if isinstance(x, dict):
-        return {k: _copy_inputs(v, double) for k, v in x.items()}
-    return x
-
-
 def _run(model: nn.Module, args, kwargs, double: bool = False):
-    """One run of `model` that leaves no trace: its own copies of the inputs (a model may write
-    into them), its buffers put back afterwards (train-mode BatchNorm updates running stats),
-    and the RNG seeded with `_SEED` in a fork (the same dropout masks in every run; the
-    caller's RNG stream untouched)."""
-    args, kwargs = _copy_inputs(args, double), _copy_inputs(kwargs, double)
-    saved = [(m, name, b, b.clone()) for m in model.modules() for name, b in m._buffers.items() if b is not None]
-    try:
-        with torch.no_grad(), torch.random.fork_rng():
-            torch.manual_seed(_SEED)
-            return model(*args, **kwargs)
-    finally:
-        with torch.no_grad():
-            for m, name, b, old in saved:
-                b.copy_(old)
-                m._buffers[name] = b
+    """One run of `model` that leaves no trace (`preserved_state`: buffers put back, RNG forked)
+    on its own copies of the inputs (a model may write into them), with the RNG seeded with
+    `_SEED`, so that every run draws the same dropout masks."""
+    args, kwargs = clone_inputs(args, double), clone_inputs(kwargs, double)
+    with torch.no_grad(), preserved_state(model):
+        torch.manual_seed(_SEED)
+        return model(*args, **kwargs)
 
 
 def _amax(t: torch.Tensor) -> float:
@@ -196,7 +175,7 @@ def _eager_rounding(reference: nn.Module, ref_out, args, kwargs) -> tuple[dict[s
     if not flat:
         return {}, []
     try:
-        out64 = flatten_outputs(_run(copy.deepcopy(reference).double(), args, kwargs, double=True))
+        out64 = flatten_outputs(_run(copy_model(reference).double(), args, kwargs, double=True))
     except Exception as e:  # noqa: BLE001 - any failure means: no float64 reference
         first = (str(e).strip().splitlines() or [""])[0][:200]
         return {}, [f"the float64 copy of the reference failed ({type(e).__name__}: {first}): "
@@ -271,7 +250,7 @@ def verify(reference: nn.Module, candidate: nn.Module, inputs, rtol: float | Non
     notes, partial = [], False
     ref_model, cand_model = reference, candidate
     if float64:
-        ref_model, cand_model = copy.deepcopy(reference).double(), copy.deepcopy(candidate).double()
+        ref_model, cand_model = copy_model(reference).double(), copy_model(candidate).double()
         derivations = getattr(candidate, "derivations", None)
         if derivations:
             notes, partial = _replay(derivations, ref_model, cand_model)

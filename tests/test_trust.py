@@ -249,3 +249,13 @@ def test_float64_check_of_the_fixed_cases_is_exact():
     x = torch.randn(2, 3, 8, 8)
     fast = optimize(model, x)
     assert verify(model, fast, x, float64=True).max_rel < 1e-12
+
+
+def test_optimize_leaves_the_callers_random_stream_alone():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5)).train()
+    x = torch.randn(2, 4)
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    optimize(model, x, check=True)
+    assert torch.equal(torch.rand(3), expected)
