@@ -1,41 +1,45 @@
 """The catalogue of passes, in one explicit registry (nothing registers itself on import).
 
 `DEFAULT` is what `optimize` runs when no passes are named: exact passes only. Approximate
-passes (architecture swaps) run only when asked for by name or preset.
+passes (architecture swaps) run only when asked for by name or preset; their factories with
+options (`swaps.norm_to_dyt(alpha=...)`, ...) are in `passes.swaps`. The finishing steps
+(`inplace`, `layout`) and the Triton lowering are passes too, added by the pipeline that
+`optimize` and the compile backend share.
 """
 from __future__ import annotations
 
+from rewrite.lift_norms import LIFT_NORMS
 from rewrite.passmanager import Pass
 
 from .batchnorm import BATCHNORM_FOLDING
 from .cleanup import IDENTITY_REMOVAL
+from .inplace import INPLACE
+from .layout import CHANNELS_LAST
+from .prenorm import PRENORM_RMSNORM
 from .reparam import STRUCTURAL_REPARAM
+from .swaps import LAYERNORM_TO_RMSNORM, NORM_TO_DYT, RELU_TO_GENERALIZED_SMELU, RELU_TO_SMELU
 
 REGISTRY: dict[str, Pass] = {p.name: p for p in [
-    IDENTITY_REMOVAL,
-    BATCHNORM_FOLDING,
-    STRUCTURAL_REPARAM,
+    IDENTITY_REMOVAL, BATCHNORM_FOLDING, STRUCTURAL_REPARAM, LIFT_NORMS, PRENORM_RMSNORM,
+    RELU_TO_SMELU, RELU_TO_GENERALIZED_SMELU, LAYERNORM_TO_RMSNORM, NORM_TO_DYT,
 ]}
 
 DEFAULT: list[str] = ["remove_identity", "fold_batchnorm", "merge_branches"]
 
 PRESETS: dict[str, list[str]] = {
     "exact": DEFAULT,
+    "swap_dyt": ["lift_norms", "norm_to_dyt"],
+    "swap_smelu": ["relu_to_smelu"],
+    "swap_rmsnorm": ["layernorm_to_rmsnorm"],
 }
 
-# architecture swaps (issue 4): opt-in only, never in DEFAULT; factories with options in passes.swaps
-from .prenorm import PRENORM_RMSNORM  # noqa: E402
-from .swaps import (LAYERNORM_TO_RMSNORM, LIFT_NORMS, NORM_TO_DYT, RELU_TO_GENERALIZED_SMELU,  # noqa: E402
-                    RELU_TO_SMELU)
-
-REGISTRY.update({p.name: p for p in [LIFT_NORMS, RELU_TO_SMELU, RELU_TO_GENERALIZED_SMELU, LAYERNORM_TO_RMSNORM,
-                                     NORM_TO_DYT, PRENORM_RMSNORM]})
-PRESETS.update({"swap_dyt": ["lift_norms", "norm_to_dyt"], "swap_smelu": ["relu_to_smelu"],
-                "swap_rmsnorm": ["layernorm_to_rmsnorm"]})
+__all__ = ["REGISTRY", "DEFAULT", "PRESETS", "resolve", "INPLACE", "CHANNELS_LAST", "LIFT_NORMS"]
 
 
 def resolve(names) -> list[Pass]:
-    """Pass objects for a list of pass names, preset names or Pass objects."""
+    """Pass objects for pass names, preset names or Pass objects (one, or a list of them)."""
+    if isinstance(names, (str, Pass)):
+        names = [names]
     out: list[Pass] = []
     for item in names:
         if isinstance(item, Pass):

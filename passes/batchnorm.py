@@ -95,10 +95,9 @@ def fold_bn_into_linear(rw, x, w, b, gamma, beta, mean, var, eps, linear, bn):
 
 
 BATCHNORM_FOLDING = Pass(
-    "fold_batchnorm",
-    [Rule("fold_bn_into_conv", CONV_BN, fold_bn_into_conv),
-     Rule("fold_bn_into_linear", LINEAR_BN, fold_bn_into_linear, check=linear_output_is_2d)],
-    exactness="exact",
+    "fold_batchnorm", "exact",
+    rules=[Rule("fold_bn_into_conv", CONV_BN, fold_bn_into_conv),
+           Rule("fold_bn_into_linear", LINEAR_BN, fold_bn_into_linear, check=linear_output_is_2d)],
     doc=__doc__,
     miss_note="the BatchNorm stays as it is (one aten.batch_norm)",
 )

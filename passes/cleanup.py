@@ -13,8 +13,7 @@ def remove_identity(rw, x, node):
 
 
 IDENTITY_REMOVAL = Pass(
-    "remove_identity",
-    [Rule("remove_identity", Op(torch.ops.aten.alias.default, self=Any("x"), name="node"), remove_identity)],
-    exactness="exact",
+    "remove_identity", "exact",
+    rules=[Rule("remove_identity", Op(torch.ops.aten.alias.default, self=Any("x"), name="node"), remove_identity)],
     doc=__doc__,
 )

@@ -36,7 +36,6 @@ import torch.fx as fx
 
 from rewrite import ops
 from rewrite.shapes import tensor_shape
-from rewrite.dce import eliminate_dead_code
 from rewrite.passmanager import Pass
 
 from .swap_common import deviation, fmt_dev, module_path, run_recording
@@ -206,20 +205,20 @@ def _check_readers(stream: _Stream, lns: dict[fx.Node, int]):
                                            f"which would see it re-centred"))
 
 
-def prenorm_rmsnorm(gm: fx.GraphModule, rw):
+def prenorm_rmsnorm(rw):
     """Find residual streams read only by LayerNorms, re-centre their writers, and turn those
     LayerNorms into RMSNorm + bias (see the module docstring)."""
-    lns = {}
+    gm, lns = rw.gm, {}
     for n in gm.graph.nodes:
         if n.op == "call_function" and n.target is ops.layer_norm and n.users:
             shape = list(ops.arg(n, "normalized_shape"))
             if len(shape) != 1:
-                rw.report.skip(NAME, n.name, f"normalises over {len(shape)} dims {shape}; only a norm over the "
-                                             f"hidden dim reads a residual stream")
+                rw.skip(n.name, f"normalises over {len(shape)} dims {shape}; only a norm over the "
+                                f"hidden dim reads a residual stream")
                 continue
             lns[n] = shape[0]
     if not lns:
-        rw.report.note(NAME, "model", "nothing to do: no LayerNorm in the graph")
+        rw.note("model", "nothing to do: no LayerNorm in the graph")
         return
     outputs, _ = run_recording(gm, {})
     applied = 0
@@ -244,14 +243,14 @@ def prenorm_rmsnorm(gm: fx.GraphModule, rw):
             if root in bad:
                 reasons = list(dict.fromkeys(bad[root]))
                 more = f" (and {len(reasons) - 2} more)" if len(reasons) > 2 else ""
-                rw.report.skip(NAME, ln.name, "not a zero-mean residual stream: " + "; ".join(reasons[:2]) + more)
+                rw.skip(ln.name, "not a zero-mean residual stream: " + "; ".join(reasons[:2]) + more)
         applied += _apply(rw, stream, mine, bad)
     if applied and outputs is not None:
-        eliminate_dead_code(gm.graph)
+        rw.sweep()
         after, _ = run_recording(gm, {})
         if after is not None:
-            rw.report.note(NAME, "model", f"model output deviation on the example inputs: "
-                                          f"{fmt_dev(deviation(outputs, after))} (exact up to rounding)")
+            rw.note("model", f"model output deviation on the example inputs: "
+                             f"{fmt_dev(deviation(outputs, after))} (exact up to rounding)")
 
 
 def _apply(rw, stream: _Stream, lns: dict, bad: dict) -> int:
@@ -264,8 +263,7 @@ def _apply(rw, stream: _Stream, lns: dict, bad: dict) -> int:
         for g, (kind, axis) in consts.items():
             rw.at(user)
             subst[g] = rw.param(f"{g.target}_centred", lambda t, axis=axis: _centre(t, axis), g)
-        with rw.graph.inserting_before(user):
-            new = rw.graph.node_copy(user, lambda a: subst.get(a, a))
+        new = rw.at(user).copy(user, lambda a: subst.get(a, a))
         names = ", ".join(f"{g.target} along dim {axis % rw.value(g).dim()}"
                           for g, (_, axis) in consts.items())
         rw.replace(user, new, f"re-centred {names} so that {_where(user)} writes a zero-mean value into the stream")
@@ -284,4 +282,4 @@ def _apply(rw, stream: _Stream, lns: dict, bad: dict) -> int:
     return count
 
 
-PRENORM_RMSNORM = Pass(NAME, [], exactness="exact", doc=__doc__, graph_fn=prenorm_rmsnorm)
+PRENORM_RMSNORM = Pass(NAME, "exact", analysis=prenorm_rmsnorm, doc=__doc__)

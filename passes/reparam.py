@@ -42,7 +42,6 @@ import torch.fx as fx
 import torch.nn as nn
 
 from rewrite import ops
-from rewrite.dce import eliminate_dead_code, erase_dead_inputs
 from rewrite.effects import moved_read
 from rewrite.graphview import DominatorView
 from rewrite.passmanager import Pass
@@ -498,7 +497,7 @@ def _try_root(root: fx.Node, ctx: _Context, rw) -> bool:
         _rewrite(root, x, plan, merged, ctx, rw)
         return True
     if reasons:  # the smallest region's reason: the block itself, not what surrounds it
-        rw.report.skip(rw.pass_name, root.name, reasons[-1])
+        rw.skip(root.name, reasons[-1])
     return False
 
 
@@ -532,11 +531,11 @@ def _rewrite(root, x, plan: Plan, merged, ctx: _Context, rw):
     rw.replace(root, new, f"merged {n_ops} ops [{plan.describe()}] reading {x.name} -> {merged.describe()}")
 
 
-def merge_linear_regions(gm: fx.GraphModule, rw) -> int:
+def merge_linear_regions(rw) -> int:
     """Rewrite every mergeable linear region (see the module docstring); returns the count."""
     count = 0
-    ctx = _Context(gm)
-    for root in reversed(list(gm.graph.nodes)):
+    ctx = _Context(rw.gm)
+    for root in reversed(list(rw.graph.nodes)):
         if root.graph is None or root.op != "call_function" or root not in ctx.view.index:
             continue
         if not root.users or root.target not in _ROOT_TARGETS:
@@ -546,7 +545,7 @@ def merge_linear_regions(gm: fx.GraphModule, rw) -> int:
             # the merged region is dead now. The view stays valid for the roots still to
             # visit: they come earlier in the graph, and the dominators of a node depend only
             # on the paths that reach it, which the rewrite (below them) did not touch.
-            erase_dead_inputs(root)
+            rw.erase_dead(root)
     return count
 
 
@@ -577,16 +576,16 @@ def _flatten_input(node: fx.Node, gm) -> fx.Node | None:
 _MAX_FC_WEIGHT = 1 << 26  # elements of a merged FC weight (512 MiB in float64) beyond which we skip
 
 
-def merge_conv_into_fc(gm: fx.GraphModule, rw) -> int:
+def merge_conv_into_fc(rw) -> int:
     """linear(flatten(conv(x))) -> linear'(flatten(x)) when x's shape is known (RepMLP)."""
     count = 0
-    for fc in list(gm.graph.nodes):
+    for fc in list(rw.graph.nodes):
         if fc.op != "call_function" or fc.target is not ops.linear or fc.graph is None:
             continue
         flat = ops.arg(fc, "input")
         if not isinstance(flat, fx.Node) or len(flat.users) != 1:
             continue
-        conv = _flatten_input(flat, gm)
+        conv = _flatten_input(flat, rw.gm)
         if not (isinstance(conv, fx.Node) and conv.op == "call_function" and conv.target is ops.conv):
             continue
         w, b = ops.arg(fc, "weight"), ops.arg(fc, "bias")
@@ -600,10 +599,10 @@ def merge_conv_into_fc(gm: fx.GraphModule, rw) -> int:
             continue
         moved = moved_read([conv, flat, fc], fc)
         if moved:
-            rw.report.skip(rw.pass_name, fc.name, f"conv -> flatten -> linear: {moved}")
+            rw.skip(fc.name, f"conv -> flatten -> linear: {moved}")
             continue
         if shape is None or len(shape) != 4:
-            rw.report.skip(rw.pass_name, fc.name, "conv -> flatten -> linear: the conv input's shape is unknown")
+            rw.skip(fc.name, "conv -> flatten -> linear: the conv input's shape is unknown")
             continue
         d = rw.value(w).shape[0]
         in_features = math.prod(shape[1:])
@@ -612,11 +611,11 @@ def merge_conv_into_fc(gm: fx.GraphModule, rw) -> int:
         fc_macs = _numel(fc) * rw.value(w).shape[1]
         new_macs = _numel(fc) * in_features
         if d * in_features > _MAX_FC_WEIGHT:
-            rw.report.skip(rw.pass_name, fc.name, f"conv -> flatten -> linear: the merged FC weight would hold "
+            rw.skip(fc.name, f"conv -> flatten -> linear: the merged FC weight would hold "
                            f"{d * in_features:,} elements, over the limit of {_MAX_FC_WEIGHT:,}")
             continue
         if new_macs > conv_macs + fc_macs:
-            rw.report.skip(rw.pass_name, fc.name, f"conv -> flatten -> linear: the merged FC would need "
+            rw.skip(fc.name, f"conv -> flatten -> linear: the merged FC would need "
                            f"{new_macs:,} multiply-adds instead of {conv_macs + fc_macs:,}")
             continue
         geometry = dict(stride=_pair(ops.arg(conv, "stride")), padding=_pair(ops.arg(conv, "padding")),
@@ -634,14 +633,14 @@ def merge_conv_into_fc(gm: fx.GraphModule, rw) -> int:
         rw.replace(fc, new, f"merged conv {conv.name} into the FC on a {list(shape[1:])} input (RepMLP) -> "
                             f"linear {in_features}->{d}; the merged model accepts only this input size")
         count += 1
-    eliminate_dead_code(gm.graph)
+    rw.sweep()
     return count
 
 
-def _reparameterize(gm: fx.GraphModule, rw) -> None:
-    merge_linear_regions(gm, rw)
-    if merge_conv_into_fc(gm, rw):
-        merge_linear_regions(gm, rw)
+def _reparameterize(rw) -> None:
+    merge_linear_regions(rw)
+    if merge_conv_into_fc(rw):
+        merge_linear_regions(rw)
 
 
-STRUCTURAL_REPARAM = Pass("merge_branches", [], exactness="exact", doc=__doc__, graph_fn=_reparameterize)
+STRUCTURAL_REPARAM = Pass("merge_branches", "exact", analysis=_reparameterize, doc=__doc__)

@@ -23,7 +23,6 @@ from typing import Iterable
 
 import torch
 import torch.fx as fx
-import torch.nn as nn
 import torch.utils._pytree as pytree
 
 from rewrite.clone import clone_inputs, preserved_state
@@ -84,36 +83,6 @@ class Selector:
     def __str__(self):
         return ", ".join(it.__name__ if isinstance(it, type) else f"/{it.pattern}/" if isinstance(it, re.Pattern)
                          else repr(it) for it in self.items) or "everything"
-
-
-# ---------------------------------------------------------------- inserting a module
-
-def install(rw, anchor: fx.Node, module: nn.Module, suffix: str, args: tuple) -> fx.Node:
-    """Register `module` on the GraphModule under a fresh name derived from the op's module
-    (e.g. `blocks.0.norm1_dyt`) and insert a `call_module` node before `anchor`."""
-    base = module_path(anchor) or anchor.name
-    base = re.sub(r"[^0-9a-zA-Z_.]", "_", base).strip(".") + f"_{suffix}"
-    target, i = base, 1
-    while _exists(rw.gm, target):
-        i += 1
-        target = f"{base}_{i}"
-    rw.gm.add_submodule(target, module)
-    with rw.graph.inserting_before(anchor):
-        node = rw.graph.call_module(target, args)
-    for key in ("nn_module_stack", "stack_trace", "val", "tensor_meta"):
-        if key in anchor.meta:
-            node.meta[key] = anchor.meta[key]
-    node.meta["source_module"] = target
-    return node
-
-
-def _exists(root: nn.Module, target: str) -> bool:
-    obj = root
-    for part in target.split("."):
-        if not hasattr(obj, part):
-            return False
-        obj = getattr(obj, part)
-    return True
 
 
 # ---------------------------------------------------------------- measuring

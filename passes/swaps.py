@@ -40,11 +40,10 @@ import torch.nn.functional as F
 
 from rewrite import ops
 from rewrite.nn import DyT, GeneralizedSmeLU, SmeLU
-from rewrite.dce import eliminate_dead_code
 from rewrite.passmanager import Pass
 from rewrite.shapes import tensor_dtype
 
-from .swap_common import Selector, deviation, fmt_dev, install, module_path, nodes_with, run_recording
+from .swap_common import Selector, deviation, fmt_dev, module_path, nodes_with, run_recording
 
 # ---------------------------------------------------------------- the driver
 
@@ -73,29 +72,30 @@ def swap_pass(name: str, targets, input_arg: str, plan: Callable, suffix: str, o
     select = Selector(only)
     kinds = "/".join(ops.short_name(t) for t in targets)
 
-    def graph_fn(gm: fx.GraphModule, rw):
+    def analysis(rw):
+        gm = rw.gm
         nodes = nodes_with(gm, targets, other_forms)
         if not nodes:
-            rw.report.note(name, "model", f"nothing to swap: the graph has no {kinds}")
+            rw.note("model", f"nothing to swap: the graph has no {kinds}")
             return
         plans: dict[fx.Node, Plan] = {}
         for n in nodes:
             if not select(n):
-                rw.report.skip(name, n.name, f"not selected by only={select} (op from {module_path(n) or 'no module'})")
+                rw.skip(n.name, f"not selected by only={select} (op from {module_path(n) or 'no module'})")
                 continue
             p = plan(rw, n)
             if isinstance(p, str):
-                rw.report.skip(name, n.name, p)
+                rw.skip(n.name, p)
             else:
                 plans[n] = p
         if not plans:
-            rw.report.note(name, "model", f"nothing swapped: none of the {len(nodes)} {kinds} qualified")
+            rw.note("model", f"nothing swapped: none of the {len(nodes)} {kinds} qualified")
             return
         inputs = {n: _input(n, input_arg) for n in plans}
         outputs, seen = run_recording(gm, inputs)
         for n, p in plans.items():
             _to_like(p.module, n)
-            new = install(rw.at(n), n, p.module, suffix, (inputs[n],))
+            new = rw.at(n).call_module(f"{module_path(n) or n.name}_{suffix}", p.module, (inputs[n],))
             if p.reference is not None:
                 gm.meta.setdefault("swapped_norms", {})[new.target] = _to_like(p.reference, n)
             if p.bias is not None:
@@ -109,14 +109,14 @@ def swap_pass(name: str, targets, input_arg: str, plan: Callable, suffix: str, o
             rw.replace(n, new, f"{module_path(n) or n.name} -> {new.target if new.op == 'call_module' else new.name}"
                                f" ({p.detail}); {dev}")
             if not n.users:  # replaced: an in-place op would otherwise stay as an effect
-                gm.graph.erase_node(n)
-        eliminate_dead_code(gm.graph)
+                rw.erase(n)
+        rw.sweep()
         if outputs is not None:
             after, _ = run_recording(gm, {})
             what = fmt_dev(deviation(outputs, after)) if after is not None else _
-            rw.report.note(name, "model", f"{len(plans)} swapped; model output deviation on the example inputs: {what}")
+            rw.note("model", f"{len(plans)} swapped; model output deviation on the example inputs: {what}")
 
-    return Pass(name, [], exactness="approximate", doc=doc, graph_fn=graph_fn)
+    return Pass(name, "approximate", analysis=analysis, doc=doc)
 
 
 def _input(n: fx.Node, input_arg: str):
@@ -357,14 +357,3 @@ RELU_TO_SMELU = relu_to_smelu()
 RELU_TO_GENERALIZED_SMELU = relu_to_generalized_smelu()
 LAYERNORM_TO_RMSNORM = layernorm_to_rmsnorm()
 NORM_TO_DYT = norm_to_dyt()
-
-
-def _lift(gm, rw):
-    from rewrite.lift_norms import lift_decomposed_norms
-    if not lift_decomposed_norms(gm, rw.report):
-        rw.report.note("lift_norms", "model", "no decomposed RMSNorm found")
-
-
-LIFT_NORMS = Pass("lift_norms", [], exactness="exact", graph_fn=_lift,
-                  doc="Lift decomposed RMSNorms (pow/mean/add/rsqrt/mul, as exported from transformers) into "
-                      "aten.rms_norm; see rewrite.lift_norms. Run it before the norm swaps on such graphs.")

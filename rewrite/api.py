@@ -8,13 +8,11 @@ import threading
 import torch.fx as fx
 import torch.nn as nn
 
-from .canonicalize import canonicalize
-from .capture import capture, recompile
-from .inplace import make_inplace
-from .passmanager import Pass, run_pass
+from .capture import capture
+from .passmanager import Pass
+from .pipeline import run_pipeline
 from .report import Report
-from .rewriter import Derivation
-from .verify import verify
+from .verify import VerificationError, verify
 
 
 def optimize(model: nn.Module, example_inputs, passes=None, check: bool = False,
@@ -28,24 +26,16 @@ def optimize(model: nn.Module, example_inputs, passes=None, check: bool = False,
     from old ones). `check=True` also runs `verify` on `example_inputs` and stores the error in
     the report (raising if it is past tolerance). `lower="triton"` then replaces fused
     norm + activation regions with generated Triton kernels (`codegen`). `inplace=True` makes
-    safe activations and residual adds in-place at the end, for eager speed (`rewrite.inplace`).
+    safe activations and residual adds in-place at the end, for eager speed (`passes.inplace`).
     `layout="channels_last"` stores 2-D conv weights channels-last (faster convolutions with
     oneDNN; checked on `example_inputs`, put back with a reason if the model needs NCHW).
     """
-    import passes as catalogue  # the registry lives beside the engine, not inside it
-
-    selected: list[Pass] = catalogue.resolve(catalogue.DEFAULT if passes is None else passes)
+    steps = build_pipeline(passes, lower=lower, inplace=inplace, layout=layout)
     report = Report()
     with no_full_collections():
         with report.timed("capture"):
             gm = capture(model, example_inputs, report)
-        derivations = run_pipeline(gm, selected, report, lower=lower, inplace=inplace)
-    if layout is not None:
-        if layout != "channels_last":
-            raise ValueError(f"unknown layout {layout!r}; supported: 'channels_last'")
-        from .layout import to_channels_last
-        with report.timed("layout"):
-            to_channels_last(gm, example_inputs, report)
+        derivations = run_pipeline(gm, steps, report)
     gm.report = report
     gm.derivations = derivations
     if check:
@@ -54,7 +44,6 @@ def optimize(model: nn.Module, example_inputs, passes=None, check: bool = False,
         for note in result.notes:  # e.g. no float64 run of the model: a fixed rtol instead
             report.note("check", "model", note)
         if not result.passed:
-            from .verify import VerificationError
             raise VerificationError(f"optimized model differs from the original:\n{result}\n{report}")
     return gm
 
@@ -93,74 +82,23 @@ _collections_held = 0
 _collections_saved: list[int] = []
 
 
-def run_pipeline(gm: fx.GraphModule, selected: list[Pass], report: Report,
-                 lower: str | None = None, inplace: bool = False) -> list[Derivation]:
-    """Canonicalise `gm` in place, apply the passes `selected`, optionally lower, drop tensors no
-    longer read, and recompile once. Shared by `optimize` and the torch.compile backend
-    (`rewrite.backend`), so both run exactly the same pipeline. Returns the derivations."""
-    with report.timed("canonicalize"):
-        canonicalize(gm, report)
-    derivations: list[Derivation] = []
-    before = _tensor_names(gm)
-    for p in selected:
-        with report.timed(p.name):
-            run_pass(gm, p, report, derivations)
-    if lower is not None:
-        if lower != "triton":
-            raise ValueError(f"unknown lowering {lower!r}; supported: 'triton'")
-        from codegen import lower_to_triton
-        with report.timed("lower_triton"):
-            lower_to_triton(gm, report)
-    with report.timed("finish"):
-        _drop_unused_tensors(gm, report, before, derivations)
-        if inplace:
-            make_inplace(gm)
-        gm.graph.lint()
-    with report.timed("recompile"):
-        recompile(gm)
-    return derivations
+def build_pipeline(passes=None, lower: str | None = None, inplace: bool = True,
+                   layout: str | None = None) -> list[Pass]:
+    """The passes `optimize` and the compile backend run, in order: the selected ones (the exact
+    default when None), then the Triton lowering (after lifting written-out RMSNorms), the
+    in-place finishing step and the layout change, each when asked for."""
+    import codegen
+    import passes as catalogue
 
-
-def _tensor_names(gm: nn.Module) -> set[str]:
-    return {n for n, _ in gm.named_parameters(remove_duplicate=False)} | {n for n, _ in gm.named_buffers(
-        remove_duplicate=False)}
-
-
-def _drop_unused_tensors(gm: fx.GraphModule, report: Report, before: set[str], derivations: list[Derivation]):
-    """Delete parameters/buffers no node reads any more, and say where each went."""
-    used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
-    for node in list(gm.graph.nodes):
-        if node.op == "get_attr" and not node.users:
-            gm.graph.erase_node(node)
-            used.discard(node.target)
-    used_modules = {n.target for n in gm.graph.nodes if n.op == "call_module"}
-
-    def needed(name: str) -> bool:
-        return name in used or any(name.startswith(m + ".") for m in used_modules)
-
-    absorbed: dict[str, list[str]] = {}
-    for d in derivations:
-        for src in d.sources:
-            if isinstance(src, str):
-                absorbed.setdefault(src, []).append(d.target)
-    # intermediates a pass derived and a later pass absorbed (BN-folded weights merged into one
-    # conv): ours, not the user's, so they go without a record of their own
-    for d in derivations:
-        if d.target not in before and not needed(d.target) and hasattr(gm, d.target):
-            delattr(gm, d.target)
-    gone: dict[str, list[str]] = {}  # owner module -> attributes removed
-    for name in sorted(before):
-        if needed(name):
-            continue
-        owner, _, attr = name.rpartition(".")
-        mod = gm.get_submodule(owner) if owner else gm
-        if attr in mod._parameters:
-            del mod._parameters[attr]
-        elif attr in mod._buffers:
-            del mod._buffers[attr]
-        gone.setdefault(owner, []).append(attr)
-    for owner, attrs in gone.items():
-        into = sorted({t for a in attrs for t in absorbed.get(f"{owner}.{a}" if owner else a, [])})
-        where = f"absorbed into {', '.join(into)}" if into else "no longer read by the graph"
-        report.removed("cleanup", owner or "<root>", f"{', '.join(attrs)}: {where}")
-    gm.delete_all_unused_submodules()
+    if lower not in (None, "triton"):
+        raise ValueError(f"unknown lowering {lower!r}; supported: 'triton'")
+    if layout not in (None, "channels_last"):
+        raise ValueError(f"unknown layout {layout!r}; supported: 'channels_last'")
+    steps = catalogue.resolve(catalogue.DEFAULT if passes is None else passes)
+    if lower == "triton":
+        steps += [catalogue.LIFT_NORMS, codegen.LOWER_TRITON]
+    if inplace:
+        steps.append(catalogue.INPLACE)
+    if layout == "channels_last":
+        steps.append(catalogue.CHANNELS_LAST)
+    return steps

@@ -26,9 +26,9 @@ import torch.fx as fx
 
 from . import ops
 from .shapes import tensor_dtype, tensor_shape
-from .dce import eliminate_dead_code
 from .effects import moved_read
-from .report import Report
+from .passmanager import Pass
+from .rewriter import Rewriter
 
 aten = torch.ops.aten
 _CASTS = {aten.to.dtype, aten.to.dtype_layout, aten._to_copy.default}
@@ -86,9 +86,9 @@ def _weight_after(norm: fx.Node, d: int):
     return cast, None, None
 
 
-def lift_decomposed_norms(gm: fx.GraphModule, report: Report) -> int:
+def lift_decomposed_norms(rw: Rewriter) -> int:
     """Replace decomposed RMSNorm chains by `aten.rms_norm`; returns how many were lifted."""
-    graph, count = gm.graph, 0
+    graph, count = rw.graph, 0
     for r in list(graph.nodes):
         if not _is(r, aten.rsqrt.default) or r.graph is None:
             continue
@@ -105,20 +105,27 @@ def lift_decomposed_norms(gm: fx.GraphModule, report: Report) -> int:
         replaced = chain + [norm] + ([n for n in (cast, wmul) if n is not None] if root is wmul else [])
         moved = moved_read(replaced, root)
         if moved:
-            report.skip("lift_norms", root.name, f"decomposed RMSNorm left as it is: {moved}")
+            rw.skip(root.name, f"decomposed RMSNorm left as it is: {moved}")
             continue
-        with graph.inserting_before(root):
-            args, kwargs = ops.call(ops.rms_norm, input=xf, normalized_shape=[d], weight=weight, eps=eps)
-            new = graph.call_function(ops.rms_norm, args, kwargs)
+        new = rw.at(root).call(ops.rms_norm, input=xf, normalized_shape=[d], weight=weight, eps=eps)
         new.meta.update(root.meta)
-        root.replace_all_uses_with(new)
         for dead in chain + [norm] + ([cast] if cast is not None and root is not norm else []):
             for u in list(dead.users):  # export's metadata checks of values no longer computed
                 if _is(u, aten._assert_tensor_metadata.default):
-                    graph.erase_node(u)
+                    rw.erase(u)
         what = "with its weight" if weight is not None else "normalisation only (casts/weight kept)"
-        report.rewrote("lift_norms", root.name, f"decomposed RMSNorm over {d} (eps={eps:g}) -> aten.rms_norm, {what}")
+        rw.replace(root, new, f"decomposed RMSNorm over {d} (eps={eps:g}) -> aten.rms_norm, {what}")
         count += 1
     if count:
-        eliminate_dead_code(graph)
+        rw.sweep()
     return count
+
+
+def _lift(rw: Rewriter) -> None:
+    if not lift_decomposed_norms(rw):
+        rw.note("model", "no decomposed RMSNorm found")
+
+
+LIFT_NORMS = Pass("lift_norms", "exact", analysis=_lift,
+                  doc="Lift decomposed RMSNorms (pow/mean/add/rsqrt/mul, as exported from transformers) into "
+                      "aten.rms_norm (see this module). Run before the norm swaps and the Triton lowering.")

@@ -1,16 +1,24 @@
-"""Rules, passes, and the driver that applies them to a fixed point.
+"""Rules, passes, and the driver that applies them.
 
-A rule is a pattern, a legality check and a rewrite (MLIR's split, tinygrad's brevity):
+A pass is written one of two ways, and both change the graph only through the `Rewriter`:
 
-    Rule("fold_bn_into_conv", pattern, rewrite=fold, check=can_fold)
+* **rules**: a pattern, a legality check and a rewrite (MLIR's split, tinygrad's brevity),
 
-`check(**captures)` returns None when the rewrite is legal, or the reason it is not (reported
-as a skip). `rewrite(rw, **captures)` builds the replacement through the Rewriter and returns
-the node that replaces the root (or None when it already rewired the graph itself).
+      Rule("fold_bn_into_conv", pattern, rewrite=fold, check=can_fold)
 
-A pass is a named list of rules with a stated exactness. The driver visits nodes in order,
-tries the rules whose root op matches (indexed by op), and repeats until nothing changes. Dead
-nodes are removed once per pass; the GraphModule is recompiled once, by the caller.
+  `check(**captures)` returns None when the rewrite is legal, or the reason it is not (reported
+  as a skip). `rewrite(rw, **captures)` builds the replacement through the Rewriter and returns
+  the node that replaces the root (or None when it already rewired the graph itself). The
+  driver visits nodes in order, tries the rules whose root op matches (indexed by op), checks
+  that the replacement moves no read past an in-place write (`effects.moved_read`), repeats
+  until nothing changes, and reports each near miss with the reason it missed.
+* **an analysis**: `analysis(rw)` finds its own sites (regions by dominators, a residual
+  stream, fusable neighbourhoods) and rewrites them through `rw`, recording as it goes.
+
+A pass states its exactness and what it needs from the capture route (`needs`: "example_inputs"
+for a pass that runs the model to measure); where a route lacks it, the pass is skipped with
+that reason. Dead nodes are removed after each pass; the GraphModule is recompiled once, by the
+caller.
 """
 from __future__ import annotations
 
@@ -22,7 +30,6 @@ import torch.fx as fx
 
 from . import ops
 from .pattern import Match, NoMatch, Op, match
-from .dce import eliminate_dead_code
 from .effects import moved_read
 from .report import Report
 from .rewriter import Derivation, Rewriter
@@ -40,31 +47,44 @@ class Rule:
 
 @dataclass
 class Pass:
-    """A named set of rules. `exactness`: "exact" (same function, bit-for-bit up to rounding
-    order), "rounding" (same function in real arithmetic), "approximate" (the function changes;
-    opt-in only)."""
+    """A named transformation: `rules` or an `analysis` (see the module docstring).
+
+    `exactness`: "exact" (the same function, up to float rounding order), "rounding" (the same
+    function in real arithmetic, rounded differently), "approximate" (the function changes;
+    opt-in only). `needs`: what the route must provide (see `ROUTE_FACTS`)."""
 
     name: str
-    rules: list[Rule]
     exactness: Exactness
+    rules: list[Rule] = field(default_factory=list)
+    analysis: Callable[[Rewriter], None] | None = None
+    needs: tuple[str, ...] = ()
     doc: str = ""
     max_rounds: int = 100
     miss_note: str = ""  # appended to every near-miss reason: what happens to an unmatched root
-    graph_fn: Callable[[fx.GraphModule, Rewriter], None] | None = field(default=None)
 
     @property
     def approximate(self) -> bool:
         return self.exactness == "approximate"
 
 
+# what a pass may need, and how to tell whether a graph has it
+ROUTE_FACTS: dict[str, Callable[[fx.GraphModule], bool]] = {
+    "example_inputs": lambda gm: gm.meta.get("example_inputs") is not None,
+}
+
+
 def run_pass(gm: fx.GraphModule, p: Pass, report: Report, derivations: list[Derivation]) -> int:
-    """Apply one pass to a fixed point; returns the number of rewrites."""
+    """Apply one pass (rules to a fixed point, or its analysis); returns the number of rewrites."""
+    missing = [need for need in p.needs if not ROUTE_FACTS[need](gm)]
+    if missing:
+        report.skip(p.name, "graph", f"not run: it needs {', '.join(missing)}, which this route does not provide")
+        return 0
     rw = Rewriter(gm, report, derivations)
     rw.pass_name = p.name
-    if p.graph_fn is not None:
+    if p.analysis is not None:
         before = len(report.records)
-        p.graph_fn(gm, rw)
-        eliminate_dead_code(gm.graph)
+        p.analysis(rw)
+        rw.sweep()
         return sum(1 for r in report.records[before:] if r.action == "rewrote")
     by_target: dict = {}
     for rule in p.rules:
@@ -87,7 +107,7 @@ def run_pass(gm: fx.GraphModule, p: Pass, report: Report, derivations: list[Deri
                 near_misses.pop(node.name, None)
                 changed += 1
                 break
-        eliminate_dead_code(gm.graph)
+        rw.sweep()
         total += changed
         if not changed:
             break

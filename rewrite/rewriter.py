@@ -1,8 +1,11 @@
 """The Rewriter: the only way a pass changes a graph.
 
-It inserts canonical calls before the matched root, derives new weights as *functions of old
+It inserts calls before an anchor (the matched root), derives new weights as *functions of old
 weights* (recorded, so that the same transform can be replayed later on other tensors, e.g.
-shard by shard for a model built on the meta device), replaces values and records every change.
+shard by shard for a model built on the meta device), replaces values, erases what a rewrite
+made dead, and records every change in the report. Passes never touch `fx.Graph` themselves:
+keeping every mutation here is what lets the engine guarantee metadata on new nodes, the
+derivation record and the report for all of them alike.
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ import torch.nn as nn
 
 from . import ops
 from .attrs import fetch_attr
+from .dce import eliminate_dead_code, erase_dead_inputs
 from .report import Report
 from .shapes import infer_tensor_meta
 
@@ -63,11 +67,49 @@ class Rewriter:
         return self
 
     def call(self, op, /, **named) -> fx.Node:
+        """A canonical op (`rewrite.ops`) called with schema-named arguments."""
         args, kwargs = ops.call(op, **named)
+        return self.call_function(op, args, kwargs)
+
+    def call_function(self, fn, args: tuple = (), kwargs: dict | None = None) -> fx.Node:
+        """Any function (`operator.getitem`, a custom op) called with these arguments."""
         with self.graph.inserting_before(self._anchor):
-            node = self.graph.call_function(op, args, kwargs)
+            node = self.graph.call_function(fn, args, kwargs or {})
         infer_tensor_meta(node)
         return node
+
+    def call_module(self, hint: str, module: nn.Module, args: tuple) -> fx.Node:
+        """Register `module` under a fresh dotted name made from `hint` (`blocks.0.norm1_dyt`)
+        and call it; the call takes the anchor's metadata (it computes the anchor's value)."""
+        base = re.sub(r"[^0-9a-zA-Z_.]", "_", hint).strip(".")
+        target, i = base, 1
+        while _has_path(self.gm, target):
+            i += 1
+            target = f"{base}_{i}"
+        self.gm.add_submodule(target, module)
+        with self.graph.inserting_before(self._anchor):
+            node = self.graph.call_module(target, args)
+        for key in ("nn_module_stack", "stack_trace", "val", "tensor_meta"):
+            if key in self._anchor.meta:
+                node.meta[key] = self._anchor.meta[key]
+        node.meta["source_module"] = target
+        return node
+
+    def call_method(self, name: str, args: tuple) -> fx.Node:
+        """`args[0].name(*args[1:])`."""
+        with self.graph.inserting_before(self._anchor):
+            node = self.graph.call_method(name, args)
+        return node
+
+    def get_attr(self, target: str) -> fx.Node:
+        """A read of the module's tensor `target`."""
+        with self.graph.inserting_before(self._anchor):
+            return self.graph.get_attr(target)
+
+    def copy(self, node: fx.Node, remap: Callable[[fx.Node], object]) -> fx.Node:
+        """A copy of `node` whose inputs are mapped through `remap`."""
+        with self.graph.inserting_before(self._anchor):
+            return self.graph.node_copy(node, remap)
 
     def param(self, hint: str, fn: Callable, *sources) -> fx.Node:
         """A new constant `fn(*sources)`, where sources are get_attr nodes, None or literals.
@@ -103,8 +145,57 @@ class Rewriter:
     # ---- changing
     def replace(self, old: fx.Node, new: fx.Node, detail: str):
         """Point every reader of `old` at `new`, keep `old`'s metadata, record the change."""
-        for key in ("val", "tensor_meta", "stack_trace", "nn_module_stack"):
-            if key in old.meta and key not in new.meta:
-                new.meta[key] = old.meta[key]
-        old.replace_all_uses_with(new)
+        self.redirect(old, new)
         self.report.rewrote(self.pass_name, old.name, detail)
+
+    def redirect(self, old: fx.Node, new, where: Callable[[fx.Node], bool] | None = None):
+        """Point the readers of `old` that `where` accepts (all by default) at `new`, a node
+        (which takes `old`'s metadata) or a literal. Records nothing: part of a rewrite."""
+        if isinstance(new, fx.Node):
+            for key in ("val", "tensor_meta", "stack_trace", "nn_module_stack"):
+                if key in old.meta and key not in new.meta:
+                    new.meta[key] = old.meta[key]
+        for user in list(old.users):
+            if user is not new and (where is None or where(user)):
+                user.args = fx.node.map_arg(user.args, lambda a: new if a is old else a)
+                user.kwargs = fx.node.map_arg(user.kwargs, lambda a: new if a is old else a)
+
+    def set_memory_format(self, target: str, memory_format: torch.memory_format) -> None:
+        """Store the module's tensor `target` in another memory format (same values)."""
+        t = fetch_attr(self.gm, target)
+        t.data = t.data.contiguous(memory_format=memory_format)
+
+    def retarget(self, node: fx.Node, target) -> None:
+        """Call `target` in place of `node`'s function, same arguments (an in-place variant)."""
+        node.target = target
+
+    def erase(self, node: fx.Node) -> None:
+        """Remove `node`, which nothing may read any more."""
+        self.graph.erase_node(node)
+
+    def erase_dead(self, node: fx.Node) -> None:
+        """Remove `node` if nothing reads it and it has no effect, and so on up its inputs."""
+        erase_dead_inputs(node)
+
+    def sweep(self) -> None:
+        """Remove every value nothing reads and that has no effect."""
+        eliminate_dead_code(self.graph)
+
+    # ---- recording
+    def rewrote(self, node: str, detail: str):
+        self.report.rewrote(self.pass_name, node, detail)
+
+    def skip(self, node: str, reason: str):
+        self.report.skip(self.pass_name, node, reason)
+
+    def note(self, node: str, detail: str):
+        self.report.note(self.pass_name, node, detail)
+
+
+def _has_path(root: nn.Module, target: str) -> bool:
+    obj = root
+    for part in target.split("."):
+        if not hasattr(obj, part):
+            return False
+        obj = getattr(obj, part)
+    return True

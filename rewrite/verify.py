@@ -237,6 +237,11 @@ def _replay(derivations, ref64: nn.Module, cand64: nn.Module) -> tuple[list[str]
     return notes, bool(borrowed or failed)
 
 
+def _lowered(model: nn.Module) -> bool:
+    graph = getattr(model, "graph", None)
+    return graph is not None and any("fused_region" in n.meta for n in graph.nodes)
+
+
 def verify(reference: nn.Module, candidate: nn.Module, inputs, rtol: float | None = None,
            atol: float | None = None, float64: bool = False, raise_on_fail: bool = True) -> VerifyResult:
     """Run both models on `inputs` and compare every output (tolerances: the module docstring).
@@ -249,6 +254,10 @@ def verify(reference: nn.Module, candidate: nn.Module, inputs, rtol: float | Non
     args, kwargs = as_args(inputs)
     notes, partial = [], False
     ref_model, cand_model = reference, candidate
+    if float64 and _lowered(candidate):
+        raise ValueError("verify(float64=True) checks exact rewrites, but the candidate has lowered Triton regions, "
+                         "which compute in the dtypes they were generated for (exactness 'rounding'): verify it in "
+                         "its own dtype, or verify in float64 the model optimized without lower=")
     if float64:
         ref_model, cand_model = copy_model(reference).double(), copy_model(candidate).double()
         derivations = getattr(candidate, "derivations", None)

@@ -245,10 +245,10 @@ def test_lower_option_reaches_compiler_as_fused_regions():
 def test_pipeline_failure_compiles_the_graph_unchanged():
     from rewrite.passmanager import Pass
 
-    def explode(gm, rw):
+    def explode(rw):
         raise RuntimeError("pass bug")
 
-    broken = Pass("broken", [], "exact", graph_fn=explode)
+    broken = Pass("broken", "exact", analysis=explode)
     torch.manual_seed(0)
     model = Net().eval()
     rec = Recorder()

@@ -145,7 +145,7 @@ def test_interior_value_with_two_users_is_a_near_miss_with_reason():
 def test_a_custom_rule_runs_to_a_fixed_point_and_is_idempotent():
     # x * 1 -> x, written as a rule: nested multiplies all disappear
     rule = Rule("drop_mul_one", Op(ops.mul, self=Any("x"), other=Lit(1)), lambda rw, x: x)
-    p = Pass("drop_mul_one", [rule], exactness="exact")
+    p = Pass("drop_mul_one", "exact", rules=[rule])
 
     class M(nn.Module):
         def forward(self, x):

@@ -259,3 +259,18 @@ def test_optimize_leaves_the_callers_random_stream_alone():
     torch.manual_seed(123)
     optimize(model, x, check=True)
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_channels_last_is_kept_for_a_bfloat16_model():
+    model = randomize_bn(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3)))
+    model = model.eval().to(torch.bfloat16)
+    fast = optimize(model, torch.randn(2, 3, 12, 12, dtype=torch.bfloat16), layout="channels_last")
+    assert fast.report.count("layout") == 1, fast.report.skipped("layout")
+
+
+def test_float64_verify_of_a_lowered_model_says_why_it_cannot():
+    model = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8), nn.GELU()).eval()
+    x = torch.randn(4, 8)
+    fast = optimize(model, x, lower="triton")
+    with pytest.raises(ValueError, match="lowered Triton regions"):
+        verify(model, fast, x, float64=True)

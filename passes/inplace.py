@@ -12,8 +12,10 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from . import ops
-from .shapes import tensor_dtype, tensor_shape
+from rewrite import ops
+from rewrite.passmanager import Pass
+from rewrite.rewriter import Rewriter
+from rewrite.shapes import tensor_dtype, tensor_shape
 
 aten = torch.ops.aten
 
@@ -27,10 +29,10 @@ def _reusable(node: fx.Node, by: fx.Node) -> bool:
             and len(node.users) == 1 and next(iter(node.users)) is by)
 
 
-def make_inplace(gm: fx.GraphModule) -> int:
+def make_inplace(rw: Rewriter) -> int:
     """Rewrite safe activations/adds to their in-place forms; returns how many."""
     changed = 0
-    for node in gm.graph.nodes:
+    for node in rw.graph.nodes:
         if node.op != "call_function" or node.target not in _INPLACE:
             continue
         src = node.args[0]
@@ -41,6 +43,9 @@ def make_inplace(gm: fx.GraphModule) -> int:
             same = tensor_shape(node) is not None and tensor_shape(node) == tensor_shape(src)
             if not (same and tensor_dtype(node) == tensor_dtype(src) and isinstance(other, fx.Node) and other is not src):
                 continue
-        node.target = _INPLACE[node.target]
+        rw.retarget(node, _INPLACE[node.target])
         changed += 1
     return changed
+
+
+INPLACE = Pass("inplace", "exact", analysis=make_inplace, doc=__doc__)

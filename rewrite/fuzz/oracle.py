@@ -1,0 +1,214 @@
+"""One case: build the program's model, optimise it with one option, check it against an oracle.
+
+Failure classes (a case may have several; the shrinker keeps one):
+    grammar_bug          the model fails eagerly on its own inputs (a bug of this fuzzer)
+    crash:<Type>         `optimize` (or torch.compile) raised something undocumented
+    input_error          InputError on a model that runs eagerly on those inputs
+    model_mutated        the user's model changed (weights, BN statistics, flags, hooks)
+    inputs_mutated       the user's example inputs changed
+    crash_run:<Type>     the optimised model fails on fresh inputs
+    mismatch             outputs on fresh inputs past the tolerance rule (`checks`)
+    mismatch_repeat      the first call was right and a second call on other inputs is not
+    backend_fallback     the torch.compile backend fell back to the unoptimised graph
+    layout_false_reject  layout="channels_last" was put back because "outputs moved" (it is exact)
+    nondeterministic     optimize twice on the same model gave different code
+    not_idempotent       optimize(fast) differs from fast (or crashes: not_idempotent:<Type>)
+    verify64             rewrite.verify(float64=True) (derivations replayed on float64 weights) fails
+Documented errors (CaptureError, VerificationError, TypeError, ValueError, KeyError) are not
+failures: the case is `rejected` with the reason, and the summary counts them.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+
+from .blocks import GrammarError
+from .checks import compare_outputs, model_changes, same_tensor, snapshot
+from .grammar import generate
+from .model import build_model, check_runs, make_inputs
+
+ROTATION = ["default", "inplace_off", "channels_last", "triton", "backend"]
+OPTIONS = {"default": {}, "inplace_off": {"inplace": False}, "channels_last": {"layout": "channels_last"},
+           "triton": {"lower": "triton"}, "backend": {"compiler": "eager"}, "inductor": {"compiler": "inductor"}}
+COMPILED = ("backend", "inductor")
+FRESH = ("fresh", "fresh2")
+
+
+@dataclass
+class CaseResult:
+    seed: int
+    option: str
+    program: dict
+    failures: dict = field(default_factory=dict)  # class -> detail
+    rejected: str | None = None
+    records: list = field(default_factory=list)  # (pass, node, action, detail) from the reports
+    tensors: list | None = None  # the optimised model's tensor names (coverage: what was merged away)
+    seconds: float = 0.0
+
+    def fail(self, cls: str, detail: str):
+        self.failures.setdefault(cls, detail[:500])
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+
+def run_case(seed: int, option: str | None = None, verify64: bool = True, options=ROTATION) -> CaseResult:
+    """The case for `seed`: its program, with the option the seed rotates to (or `option`)."""
+    return check_program(generate(seed), option or options[seed % len(options)], verify64)
+
+
+def check_program(program: dict, option: str = "default", verify64: bool = True) -> CaseResult:
+    res = CaseResult(program["seed"], option, program)
+    t0 = time.perf_counter()
+    with quiet_single_thread():
+        _check(program, option, verify64, res)
+    res.seconds = time.perf_counter() - t0
+    return res
+
+
+@contextlib.contextmanager
+def quiet_single_thread():
+    """One intra-op thread (tiny tensors; two cores shared by workers) and no warnings."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _check(program: dict, option: str, verify64: bool, res: CaseResult):
+    try:
+        check_runs(program)
+    except GrammarError as e:
+        res.fail("grammar_bug", str(e))
+        return
+    model, example = build_model(program), make_inputs(program, "example")
+    before, example_before = snapshot(model), example.clone()
+    expected = {s: _expected(program, s) for s in FRESH}
+    if option in COMPILED:
+        fast = _compiled(program, option, res)
+    else:
+        fast = _optimized(model, example, OPTIONS[option], res)
+    changed = model_changes(model, before)
+    if changed:
+        res.fail("model_mutated", changed)
+    if not same_tensor(example, example_before):
+        res.fail("inputs_mutated", "optimize changed the example inputs")
+    if fast is None or not _outputs_ok(fast, program, expected, res, "mismatch", "crash_run"):
+        return
+    if option not in COMPILED:
+        _determinism(model, program, fast, option, res)
+        _idempotence(fast, program, expected, option, res)
+        if verify64 and option != "triton":  # lowered kernels round: 'rounding', not 'exact'
+            _verify64(model, fast, program, res)
+
+
+def _expected(program: dict, stream: str):
+    """(float64 reference, eager in the model's dtype) on fresh inputs, each from a fresh build."""
+    x = make_inputs(program, stream)
+    with torch.no_grad():
+        ref = build_model(program).double()(x.double())
+        eager = build_model(program)(x.clone())
+    return ref, eager
+
+
+DOCUMENTED = ("CaptureError", "VerificationError", "TypeError", "ValueError", "KeyError")
+
+
+def _optimized(model, example, kwargs: dict, res: CaseResult, cls: str = "crash"):
+    from rewrite import InputError, optimize
+    try:
+        fast = optimize(model, example, **kwargs)
+    except InputError as e:
+        res.fail("input_error" if cls == "crash" else f"{cls}:InputError", _line(e))
+        return None
+    except Exception as e:  # noqa: BLE001 - every escape is classified
+        name = type(e).__name__
+        if name in DOCUMENTED and cls == "crash":
+            res.rejected = f"{name}: {_line(e)}"
+        else:
+            res.fail(f"{cls}:{name}", _line(e))
+        return None
+    if cls == "crash":
+        res.records += [(r.pass_name, r.node, r.action, r.detail) for r in fast.report.records]
+        res.tensors = sorted(fast.state_dict().keys())
+        for r in fast.report.skipped("layout"):
+            if "outputs moved" in r.detail:  # a layout change is exact: its own check was too strict
+                res.fail("layout_false_reject", r.detail.replace("\n", " "))
+    return fast
+
+
+def _line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:300] if text else ""
+
+
+def _compiled(program: dict, option: str, res: CaseResult):
+    """torch.compile(backend="rewrite") on a separate build (inference: no grad), compiled on the
+    example inputs; the backend never raises, so its reports say whether it fell back."""
+    import torch._dynamo
+    from rewrite import backend
+    torch._dynamo.reset()
+    seen = {id(r) for r in backend.REPORTS}
+    compiled = torch.compile(build_model(program), backend="rewrite", options=dict(OPTIONS[option]))
+    try:
+        with torch.no_grad():
+            compiled(make_inputs(program, "example"))
+    except Exception as e:  # noqa: BLE001
+        res.fail(f"crash:{type(e).__name__}", _line(e))
+        return None
+    finally:
+        for report in [r for r in backend.REPORTS if id(r) not in seen]:
+            res.records += [(r.pass_name, r.node, r.action, r.detail) for r in report.records]
+            for r in report.records:
+                if r.pass_name == "backend" and "the pipeline failed" in r.detail:
+                    res.fail("backend_fallback", r.detail)
+    return compiled
+
+
+def _outputs_ok(fast, program: dict, expected: dict, res: CaseResult, cls: str, crash: str) -> bool:
+    """Run `fast` on each fresh input set in turn (the same object: a second call must not reuse
+    the first call's state) and compare with the reference."""
+    for i, stream in enumerate(FRESH):
+        try:
+            with torch.no_grad():
+                out = fast(make_inputs(program, stream))
+        except Exception as e:  # noqa: BLE001
+            res.fail(f"{crash}:{type(e).__name__}", _line(e))
+            return False
+        diff = compare_outputs(out, *expected[stream])
+        if diff:
+            res.fail(cls if i == 0 else f"{cls}_repeat", f"{stream}: {diff}")
+            return False
+    return True
+
+
+def _determinism(model, program: dict, fast, option: str, res: CaseResult):
+    again = _optimized(model, make_inputs(program, "example"), OPTIONS[option], res, "nondeterministic")
+    if again is not None and again.code != fast.code:
+        res.fail("nondeterministic", "optimize twice on the same model gave different code")
+
+
+def _idempotence(fast, program: dict, expected: dict, option: str, res: CaseResult):
+    twice = _optimized(fast, make_inputs(program, "example"), OPTIONS[option], res, "not_idempotent")
+    if twice is not None:
+        _outputs_ok(twice, program, expected, res, "not_idempotent", "not_idempotent")
+
+
+def _verify64(model, fast, program: dict, res: CaseResult):
+    from rewrite import verify
+    try:
+        result = verify(model, fast, make_inputs(program, "fresh"), float64=True, raise_on_fail=False)
+    except Exception as e:  # noqa: BLE001
+        res.fail(f"verify64:{type(e).__name__}", _line(e))
+        return
+    if not result.passed:
+        res.fail("verify64", str(result).replace("\n", " "))
