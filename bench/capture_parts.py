@@ -3,9 +3,9 @@
     python bench/capture_parts.py
     python bench/capture_parts.py --blocks 60 --repeat 3
 
-  copy     copy.deepcopy(model)                 vs rewrite.clone.copy_model(model)
-  trace    an fx.Tracer (same leaf modules)     vs rewrite.capture's tracer
-  shapes   torch.fx ShapeProp                   vs rewrite.shapes.propagate_shapes
+  copy     copy.deepcopy(model)                 vs fxrewrite.rewrite.clone.copy_model(model)
+  trace    an fx.Tracer (same leaf modules)     vs fxrewrite.rewrite.capture's tracer
+  shapes   torch.fx ShapeProp                   vs fxrewrite.rewrite.shapes.propagate_shapes
 
 Each pair is timed alternately (round-robin) from a collected heap, under the garbage-collector
 setting `optimize` uses, median of `--repeat` runs; the ratio is standard / ours (above 1: ours
@@ -29,11 +29,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import machine, table  # noqa: E402
 from rewrite_cost import stacked  # noqa: E402
 
-from rewrite.api import no_full_collections  # noqa: E402
-from rewrite.capture import _Tracer  # noqa: E402
-from rewrite.clone import copy_model  # noqa: E402
-from rewrite.nn import LEAF_MODULES  # noqa: E402
-from rewrite.shapes import propagate_shapes  # noqa: E402
+from fxrewrite.api import no_full_collections  # noqa: E402
+from fxrewrite.rewrite.capture import _Tracer  # noqa: E402
+from fxrewrite.rewrite.clone import copy_model  # noqa: E402
+from fxrewrite.rewrite.nn import LEAF_MODULES  # noqa: E402
+from fxrewrite.rewrite.shapes import propagate_shapes  # noqa: E402
 
 
 class _FxTracer(fx.Tracer):

@@ -30,7 +30,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import machine, median_ms, randomize_bn, table  # noqa: E402
 
-import rewrite.backend  # noqa: E402,F401  (registers the backend when the entry point is not installed)
+import fxrewrite.backend  # noqa: E402,F401  (registers the backend when the entry point is not installed)
 
 
 
@@ -60,7 +60,7 @@ def compile_variant(model, variant: str):
 
 def rewrites_since(first: int) -> str:
     """What the rewrite backend did to the graphs it compiled since REPORTS[first]."""
-    from rewrite.backend import REPORTS
+    from fxrewrite.backend import REPORTS
     reports = REPORTS[first:]
     folded = sum(r.count("fold_batchnorm") for r in reports)
     merged = sum(r.count("merge_branches") for r in reports)
@@ -69,7 +69,7 @@ def rewrites_since(first: int) -> str:
 
 def run_model(name: str, variants: list[str], size: int, warmup: int, iters: int) -> list[dict]:
     """One row per variant, each compiled from a clean Dynamo state and timed right after."""
-    from rewrite.backend import REPORTS
+    from fxrewrite.backend import REPORTS
 
     torch.manual_seed(0)
     model = randomize_bn(build(name)).eval()

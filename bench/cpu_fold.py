@@ -22,7 +22,7 @@ import torchvision
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import machine, medians_interleaved, randomize_bn, table  # noqa: E402
 
-from rewrite import optimize, verify  # noqa: E402
+from fxrewrite import optimize, verify  # noqa: E402
 
 
 

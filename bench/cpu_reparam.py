@@ -24,7 +24,7 @@ from timm.utils.model import reparameterize_model
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import machine, medians_interleaved, randomize_bn, table  # noqa: E402
 
-from rewrite import optimize, verify  # noqa: E402
+from fxrewrite import optimize, verify  # noqa: E402
 
 
 

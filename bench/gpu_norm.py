@@ -33,8 +33,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from rewrite import optimize  # noqa: E402
-from rewrite.nn import DyT, SmeLU  # noqa: E402
+from fxrewrite import optimize  # noqa: E402
+from fxrewrite.rewrite.nn import DyT, SmeLU  # noqa: E402
 
 
 class RMS(nn.Module):
@@ -232,8 +232,8 @@ def run_gpu(args):
 
 def fused_call(fast, xs):
     """(spec text, input tensors) of the one fused-region call in a lowered module."""
-    from codegen.runtime import OP
-    from rewrite.attrs import fetch_attr
+    from fxrewrite.codegen.runtime import OP
+    from fxrewrite.rewrite.attrs import fetch_attr
     node = next(n for n in fast.graph.nodes if n.target is OP)
     ph = [n for n in fast.graph.nodes if n.op == "placeholder"]
     env = dict(zip(ph, xs))
@@ -243,7 +243,7 @@ def fused_call(fast, xs):
 def run_sweep(args):
     """Time launch configurations (ROWS, num_warps) to tune `runtime.choose_config`."""
     import triton.testing as tt
-    from codegen import runtime
+    from fxrewrite.codegen import runtime
     for name in args.regions:
         for M in args.M:
             for N in args.N:

@@ -26,7 +26,7 @@ import torch.nn as nn
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import machine, table  # noqa: E402
 
-from rewrite import optimize  # noqa: E402
+from fxrewrite import optimize  # noqa: E402
 
 
 class Block(nn.Module):
@@ -110,8 +110,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     if args.gc_default:
-        import rewrite.api
-        rewrite.api.no_full_collections = contextlib.nullcontext
+        import fxrewrite.api
+        fxrewrite.api.no_full_collections = contextlib.nullcontext
     rows = [_row(f"{n} blocks", stacked(n), torch.randn(1, 4, 16), args.repeat) for n in _sizes(args.blocks)]
     rows += [_row(f"{n} RepVGG blocks", nn.Sequential(*[RepBlock() for _ in range(n)]).eval(),
                   torch.randn(1, 4, 8, 8), args.repeat) for n in _sizes(args.repvgg)]

@@ -16,7 +16,7 @@ import time
 import torch
 import torchvision
 
-from rewrite import optimize, verify
+from fxrewrite import optimize, verify
 
 
 def medians_ms(models: dict, x, rounds: int) -> dict:

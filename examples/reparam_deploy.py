@@ -19,7 +19,8 @@ import timm
 import torch
 import torch.nn as nn
 
-from rewrite import ops, optimize, verify
+from fxrewrite import optimize, verify
+from fxrewrite.rewrite import ops
 
 
 def conv_bn(cin, cout, k, stride=1, padding=0):

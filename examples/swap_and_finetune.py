@@ -2,7 +2,7 @@
 
 1. a pre-LN transformer (each 8x8 image read as 8 tokens of 8 pixels) trained with LayerNorm,
    swapped to DyT with `optimize(model, x, passes=["norm_to_dyt"])`, calibrated with
-   `rewrite.calibrate` (alpha fitted to each replaced LayerNorm on training batches) and briefly
+   `fxrewrite.calibrate` (alpha fitted to each replaced LayerNorm on training batches) and briefly
    fine-tuned;
 2. an MLP trained with ReLU, swapped to SmeLU and briefly fine-tuned.
 
@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
-from rewrite import calibrate, optimize
-from passes.swaps import relu_to_smelu
+from fxrewrite import calibrate, optimize
+from fxrewrite.passes.swaps import relu_to_smelu
 
 
 def data():

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from rewrite import ops
+from fxrewrite.rewrite import ops
 
 
 @pytest.fixture(autouse=True)
@@ -42,7 +42,7 @@ def count_bn_after_producer(gm) -> int:
 @pytest.fixture
 def launches(monkeypatch):
     """Count generated-kernel launches (calls of codegen.runtime.run_triton through the op)."""
-    from codegen import runtime
+    from fxrewrite.codegen import runtime
     calls = []
     real = runtime.run_triton
 

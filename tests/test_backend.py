@@ -16,8 +16,8 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from rewrite import backend
-from rewrite import ops
+from fxrewrite import backend
+from fxrewrite.rewrite import ops
 
 
 class Net(nn.Module):
@@ -243,7 +243,7 @@ def test_lower_option_reaches_compiler_as_fused_regions():
 
 
 def test_pipeline_failure_compiles_the_graph_unchanged():
-    from rewrite.passmanager import Pass
+    from fxrewrite.rewrite.passmanager import Pass
 
     def explode(rw):
         raise RuntimeError("pass bug")
@@ -278,7 +278,7 @@ def test_registered_through_entry_point_without_import():
         with torch.no_grad():
             out = torch.compile(m, backend="rewrite", options={"compiler": "eager"})(x)
             assert torch.allclose(out, m(x), atol=1e-5)
-        from rewrite.backend import last_report
+        from fxrewrite.backend import last_report
         assert last_report().count("fold_batchnorm") == 1
         print("ok")
     """)

@@ -7,7 +7,8 @@ import torch.nn as nn
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from rewrite import CaptureError, InputError, optimize, ops, verify
+from fxrewrite import CaptureError, InputError, optimize, verify
+from fxrewrite.rewrite import ops
 
 from conftest import count, randomize_bn
 

@@ -12,11 +12,11 @@ import torch.nn as nn
 import torchvision
 from torch.fx.passes.shape_prop import ShapeProp
 
-from rewrite.capture import _Tracer, capture
-from rewrite.clone import copy_model
-from rewrite.nn import LEAF_MODULES
-from rewrite.report import Report
-from rewrite.shapes import ShapePropagationError, propagate_shapes
+from fxrewrite.rewrite.capture import _Tracer, capture
+from fxrewrite.rewrite.clone import copy_model
+from fxrewrite.rewrite.nn import LEAF_MODULES
+from fxrewrite.rewrite.report import Report
+from fxrewrite.rewrite.shapes import ShapePropagationError, propagate_shapes
 
 
 class Tied(nn.Module):
@@ -199,7 +199,7 @@ def test_copy_model_honours_a_deepcopy_set_on_the_instance():
 def test_gc_thresholds_come_back_after_overlapping_optimizations():
     import gc
 
-    from rewrite.api import no_full_collections
+    from fxrewrite.api import no_full_collections
     before = gc.get_threshold()
     try:
         first, second = no_full_collections(), no_full_collections()

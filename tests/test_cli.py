@@ -6,7 +6,7 @@ import textwrap
 
 import pytest
 
-from rewrite.cli import main
+from fxrewrite.cli import main
 
 TINYNETS = textwrap.dedent("""
     import torch, torch.nn as nn
@@ -87,13 +87,13 @@ def test_bad_input_is_one_line_exit_2(tiny, capsys, argv, message):
     out, err = capsys.readouterr()
     assert rc == 2
     errors = [line for line in err.splitlines() if not line.startswith("[rewrite]")]
-    assert len(errors) == 1 and errors[0].startswith("rewrite: error: "), err
+    assert len(errors) == 1 and errors[0].startswith("fxrewrite: error: "), err
     assert message in errors[0]
     assert "Traceback" not in err + out
 
 
 def test_python_dash_m(tiny):
-    done = subprocess.run([sys.executable, "-m", "rewrite", "optimize", "tinynets:convnet", "--input-shape",
+    done = subprocess.run([sys.executable, "-m", "fxrewrite", "optimize", "tinynets:convnet", "--input-shape",
                            "2,3,8,8", "--runs", "1", "--check"], capture_output=True, text=True, timeout=300,
                           cwd=tiny)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -101,7 +101,7 @@ def test_python_dash_m(tiny):
 
 
 def test_draw_svg_without_graphviz_writes_dot_and_says_so(tiny, capsys, monkeypatch):
-    monkeypatch.setattr("rewrite.cli.shutil.which", lambda name: None)
+    monkeypatch.setattr("fxrewrite.cli.shutil.which", lambda name: None)
     rc = main(["optimize", "tinynets:convnet", "--input-shape", "1,3,8,8", "--runs", "1", "--draw", "graph.svg"])
     out, err = capsys.readouterr()
     assert rc == 0, err
@@ -141,7 +141,7 @@ def test_check_fails_with_status_1_when_past_tolerance(tiny, capsys):
 
 
 def test_layout_channels_last_is_passed_through(capsys):
-    from rewrite.cli import main
+    from fxrewrite.cli import main
     code = main(["optimize", "torchvision.models:resnet18", "--input-shape", "1,3,32,32", "--layout", "channels_last",
                  "--runs", "1", "--check"])
     out = capsys.readouterr().out

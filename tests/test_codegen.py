@@ -18,10 +18,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from codegen import emit, ir, regions, runtime
-from codegen.reference import run_reference
-from rewrite import optimize
-from rewrite.nn import DyT, SmeLU
+from fxrewrite.codegen import emit, ir, regions, runtime
+from fxrewrite.codegen.reference import run_reference
+from fxrewrite import optimize
+from fxrewrite.rewrite.nn import DyT, SmeLU
 
 aten = torch.ops.aten
 OP = runtime.OP
@@ -501,9 +501,9 @@ def test_report_lists_regions_and_skips():
 
 def test_regions_are_found_without_triton():
     """Region finding is FX only: it works (and reports) on any machine."""
-    from rewrite.capture import capture
-    from rewrite.canonicalize import canonicalize
-    from rewrite.report import Report
+    from fxrewrite.rewrite.capture import capture
+    from fxrewrite.rewrite.canonicalize import canonicalize
+    from fxrewrite.rewrite.report import Report
     rep = Report()
     gm = capture(randomise(RMSAct(16)).eval(), (torch.randn(2, 16), torch.randn(2, 16)), rep)
     canonicalize(gm, rep)

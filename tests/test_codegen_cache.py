@@ -15,8 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from codegen import ir, runtime
-from rewrite import optimize
+from fxrewrite.codegen import ir, runtime
+from fxrewrite import optimize
 
 OP = runtime.OP
 INTERP = os.environ.get("TRITON_INTERPRET") == "1"

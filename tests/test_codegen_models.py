@@ -12,8 +12,8 @@ import warnings
 import pytest
 import torch
 
-from codegen import runtime
-from rewrite import optimize
+from fxrewrite.codegen import runtime
+from fxrewrite import optimize
 
 warnings.filterwarnings("ignore", message=".*specialized.*")
 DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda" if torch.cuda.is_available() else None

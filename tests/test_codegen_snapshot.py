@@ -12,8 +12,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from codegen import emit, ir
-from rewrite import optimize
+from fxrewrite.codegen import emit, ir
+from fxrewrite import optimize
 
 GOLDEN = Path(__file__).parent / "golden" / "add_rmsnorm_silu_kernel.py.txt"
 

@@ -9,11 +9,12 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from rewrite import Report, optimize, ops, verify
-from rewrite.canonicalize import canonicalize
-from rewrite.capture import capture
-from rewrite.passmanager import Pass, Rule, run_pass
-from rewrite.pattern import Any, Lit, NoMatch, Op, Param, match
+from fxrewrite import Report, optimize, verify
+from fxrewrite.rewrite import ops
+from fxrewrite.rewrite.canonicalize import canonicalize
+from fxrewrite.rewrite.capture import capture
+from fxrewrite.rewrite.passmanager import Pass, Rule, run_pass
+from fxrewrite.rewrite.pattern import Any, Lit, NoMatch, Op, Param, match
 
 from conftest import count
 
@@ -244,7 +245,7 @@ def test_inplace_op_seen_through_an_earlier_view_stays_in_place():
 
 
 def test_verify_compares_non_finite_values_exactly():
-    from rewrite.verify import compare
+    from fxrewrite.rewrite.verify import compare
     ref = torch.tensor([1.0, float("inf"), float("nan"), 2.0])
     assert compare(ref, ref.clone(), rtol=1e-6, atol=0).passed
     assert compare(ref, ref * (1 + 1e-9), rtol=1e-6, atol=0).passed  # rounding on the finite part

@@ -1,18 +1,14 @@
-"""The differential fuzzer (`rewrite.fuzz`): a fast slice of seeds must be clean, and the oracle,
+"""The differential fuzzer (`fxrewrite.fuzz`): a fast slice of seeds must be clean, and the oracle,
 the shrinker and the coverage counters must work (a planted bug is found and shrunk)."""
 from __future__ import annotations
 
-import os
+import pytest
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # the triton option runs its kernels on the CPU
-
-import pytest  # noqa: E402
-
-import passes.batchnorm  # noqa: E402
-import rewrite  # noqa: E402
-from rewrite.fuzz import check_program, generate, run_case  # noqa: E402
-from rewrite.fuzz.coverage import Coverage, constructs  # noqa: E402
-from rewrite.fuzz.shrink import reproduction, shrink  # noqa: E402
+import fxrewrite
+import fxrewrite.passes.batchnorm as batchnorm
+from fxrewrite.fuzz import check_program, generate, run_case
+from fxrewrite.fuzz.coverage import Coverage, constructs
+from fxrewrite.fuzz.shrink import reproduction, shrink
 
 SLICE = range(0, 120)
 SLICE_OPTIONS = ["default", "inplace_off", "channels_last", "triton"]
@@ -70,8 +66,8 @@ FOLDS_A_BN = {"seed": 1, "dtype": "float32", "input": [2, 3, 6, 6], "channels_la
 
 
 def test_planted_bug_in_bn_folding_is_found(monkeypatch):
-    real = passes.batchnorm.fold_bias
-    monkeypatch.setattr(passes.batchnorm, "fold_bias", lambda *a, **k: real(*a, **k) + 1e-3)
+    real = batchnorm.fold_bias
+    monkeypatch.setattr(batchnorm, "fold_bias", lambda *a, **k: real(*a, **k) + 1e-3)
     seed = next(s for s in range(200) if s % 5 == 0 and any(b["op"] == "conv" and b.get("bn")
                                                              for b in generate(s)["blocks"]))
     assert "mismatch" in run_case(seed, "default").failures
@@ -79,21 +75,21 @@ def test_planted_bug_in_bn_folding_is_found(monkeypatch):
 
 
 def test_user_model_and_inputs_mutated_are_reported(monkeypatch):
-    real = rewrite.optimize
+    real = fxrewrite.optimize
 
     def careless(model, example_inputs, **kw):
         next(m for m in model.modules() if hasattr(m, "running_mean")).running_mean.add_(1.0)
         example_inputs.mul_(2.0)
         return real(model, example_inputs, **kw)
 
-    monkeypatch.setattr(rewrite, "optimize", careless)
+    monkeypatch.setattr(fxrewrite, "optimize", careless)
     failures = check_program(FOLDS_A_BN, "default").failures
     assert "model_mutated" in failures and "inputs_mutated" in failures
 
 
 def test_shrinker_keeps_the_class_and_shrinks(monkeypatch):
-    real = passes.batchnorm.fold_bias
-    monkeypatch.setattr(passes.batchnorm, "fold_bias", lambda *a, **k: real(*a, **k) + 1e-3)
+    real = batchnorm.fold_bias
+    monkeypatch.setattr(batchnorm, "fold_bias", lambda *a, **k: real(*a, **k) + 1e-3)
     small, runs = shrink(FOLDS_A_BN, "default", "mismatch", budget=60)
     assert len(small["blocks"]) < len(FOLDS_A_BN["blocks"]) and runs <= 60
     assert "mismatch" in check_program(small, "default").failures

@@ -17,8 +17,8 @@ pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
                                  reason="needs a CUDA device and compiled (not interpreted) Triton")]
 
-from rewrite import optimize  # noqa: E402
-from rewrite.nn import DyT, SmeLU  # noqa: E402
+from fxrewrite import optimize  # noqa: E402
+from fxrewrite.rewrite.nn import DyT, SmeLU  # noqa: E402
 
 
 class AddRMSSiLU(nn.Module):
@@ -118,7 +118,7 @@ def test_compile_backend_lowers_on_cuda():
     model = _random(AddRMSSiLU(1024)).cuda().eval()
     xs = _inputs(AddRMSSiLU, 128, 1024, torch.bfloat16)
     model = model.to(torch.bfloat16)
-    from rewrite.backend import last_report
+    from fxrewrite.backend import last_report
     compiled = torch.compile(model, backend="rewrite", options={"lower": "triton"})
     with torch.no_grad():
         got, want = compiled(*xs), model(*xs)

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 import torchvision
 
-from rewrite import optimize, verify
+from fxrewrite import optimize, verify
 from conftest import randomize_bn
 
 

@@ -4,7 +4,7 @@ import io
 import pytest
 import torch
 
-from rewrite.nn import DyT, GeneralizedSmeLU, SmeLU
+from fxrewrite.rewrite.nn import DyT, GeneralizedSmeLU, SmeLU
 
 
 def smelu_ref(x, beta):

@@ -7,10 +7,10 @@ import torch
 import torch.nn as nn
 from onnx import TensorProto, helper
 
-from rewrite import OnnxExportError, VerificationError, check_onnx, export_onnx, optimize
-from rewrite import ops
-from rewrite import onnx_export
-from rewrite.nn import DyT, SmeLU
+from fxrewrite import OnnxExportError, VerificationError, check_onnx, export_onnx, optimize
+from fxrewrite.rewrite import ops
+from fxrewrite import onnx_export
+from fxrewrite.rewrite.nn import DyT, SmeLU
 
 
 def _op_types(path):

@@ -6,7 +6,8 @@ import timm
 import torch
 import torchvision
 
-from rewrite import optimize, ops, verify
+from fxrewrite import optimize, verify
+from fxrewrite.rewrite import ops
 
 from conftest import count, count_bn_after_producer, randomize_bn
 

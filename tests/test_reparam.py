@@ -10,12 +10,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from rewrite import ops, optimize
-from rewrite.canonicalize import canonicalize
-from rewrite.capture import capture
-from rewrite.graphview import DominatorView, to_dot
-from rewrite.report import Report
-from rewrite.attrs import fetch_attr
+from fxrewrite import optimize
+from fxrewrite.rewrite import ops
+from fxrewrite.rewrite.canonicalize import canonicalize
+from fxrewrite.rewrite.capture import capture
+from fxrewrite.rewrite.graphview import DominatorView, to_dot
+from fxrewrite.rewrite.report import Report
+from fxrewrite.rewrite.attrs import fetch_attr
 
 from conftest import count, randomize_bn
 

@@ -21,7 +21,8 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from rewrite import ops, optimize, verify
+from fxrewrite import optimize, verify
+from fxrewrite.rewrite import ops
 
 from conftest import count, randomize_bn
 

@@ -11,9 +11,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from rewrite import calibrate, optimize
-from rewrite.nn import DyT, GeneralizedSmeLU, SmeLU
-from passes.swaps import (feeds_attention, layernorm_to_rmsnorm, llm_alpha, norm_to_dyt, relu_to_generalized_smelu,
+from fxrewrite import calibrate, optimize
+from fxrewrite.rewrite.nn import DyT, GeneralizedSmeLU, SmeLU
+from fxrewrite.passes.swaps import (feeds_attention, layernorm_to_rmsnorm, llm_alpha, norm_to_dyt, relu_to_generalized_smelu,
                           relu_to_smelu)
 
 
@@ -206,10 +206,10 @@ def test_attention_alpha_rule_on_vit():
 
 
 def test_feeds_attention_is_false_for_mlp_norm():
-    from rewrite.canonicalize import canonicalize
-    from rewrite.capture import capture
-    from rewrite.report import Report
-    from rewrite import ops
+    from fxrewrite.rewrite.canonicalize import canonicalize
+    from fxrewrite.rewrite.capture import capture
+    from fxrewrite.rewrite.report import Report
+    from fxrewrite.rewrite import ops
     gm = capture(tiny_vit(), torch.randn(1, 3, 32, 32), Report())
     canonicalize(gm, Report())
     lns = [n for n in gm.graph.nodes if n.target is ops.layer_norm]

@@ -14,10 +14,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import passes
-from rewrite import calibrate, optimize, verify
-from rewrite.nn import DyT, GeneralizedSmeLU, SmeLU
-from passes.swaps import layernorm_to_rmsnorm, norm_to_dyt, relu_to_generalized_smelu, relu_to_smelu
+from fxrewrite import passes
+from fxrewrite import calibrate, optimize, verify
+from fxrewrite.rewrite.nn import DyT, GeneralizedSmeLU, SmeLU
+from fxrewrite.passes.swaps import layernorm_to_rmsnorm, norm_to_dyt, relu_to_generalized_smelu, relu_to_smelu
 
 warnings.filterwarnings("ignore", message=".*specialized.*")
 transformers = pytest.importorskip("transformers")

@@ -9,9 +9,10 @@ import pytest
 import torch
 import torch.nn as nn
 
-from rewrite import calibrate, ops, optimize, verify
-from rewrite.nn import DyT
-from passes.swaps import norm_to_dyt
+from fxrewrite import calibrate, optimize, verify
+from fxrewrite.rewrite import ops
+from fxrewrite.rewrite.nn import DyT
+from fxrewrite.passes.swaps import norm_to_dyt
 
 warnings.filterwarnings("ignore", message=".*specialized.*")
 transformers = pytest.importorskip("transformers")

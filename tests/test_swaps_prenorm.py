@@ -8,7 +8,8 @@ import timm
 import torch
 import torch.nn as nn
 
-from rewrite import ops, optimize, verify
+from fxrewrite import optimize, verify
+from fxrewrite.rewrite import ops
 
 warnings.filterwarnings("ignore", message=".*specialized.*")
 transformers = pytest.importorskip("transformers")

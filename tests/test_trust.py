@@ -10,8 +10,8 @@ import torch
 import torch.nn as nn
 from torch.nn.utils.parametrizations import weight_norm
 
-from rewrite import InputError, optimize, verify
-from rewrite import ops
+from fxrewrite import InputError, optimize, verify
+from fxrewrite.rewrite import ops
 from tests.conftest import count, randomize_bn
 
 

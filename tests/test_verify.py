@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from rewrite import VerificationError, optimize, verify
+from fxrewrite import VerificationError, optimize, verify
 
 from conftest import randomize_bn
 

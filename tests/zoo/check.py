@@ -12,7 +12,8 @@ import traceback
 
 import torch
 
-from rewrite import ops, optimize, verify
+from fxrewrite import optimize, verify
+from fxrewrite.rewrite import ops
 
 from .models import ZooModel, randomize_bn
 
@@ -74,7 +75,7 @@ def run_one(entry: ZooModel, onnx: bool = True) -> dict:
     except Exception as e:
         row["verify"] = f"FAIL {_reason(e)}"
     if onnx:
-        from rewrite import check_onnx, export_onnx
+        from fxrewrite import check_onnx, export_onnx
         with tempfile.TemporaryDirectory() as d:
             path = os.path.join(d, "model.onnx")
             try:

@@ -8,8 +8,8 @@ options (`swaps.norm_to_dyt(alpha=...)`, ...) are in `passes.swaps`. The finishi
 """
 from __future__ import annotations
 
-from rewrite.lift_norms import LIFT_NORMS
-from rewrite.passmanager import Pass
+from ..rewrite.lift_norms import LIFT_NORMS
+from ..rewrite.passmanager import Pass
 
 from .batchnorm import BATCHNORM_FOLDING
 from .cleanup import IDENTITY_REMOVAL

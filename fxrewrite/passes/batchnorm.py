@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import torch
 
-from rewrite import ops
-from rewrite.shapes import tensor_shape
-from rewrite.passmanager import Pass, Rule
-from rewrite.pattern import Any, Lit, Op, Param
+from ..rewrite import ops
+from ..rewrite.shapes import tensor_shape
+from ..rewrite.passmanager import Pass, Rule
+from ..rewrite.pattern import Any, Lit, Op, Param
 
 
 def bn_scale(gamma, var, eps):

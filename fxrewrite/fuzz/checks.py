@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from rewrite.verify import flatten_outputs
+from fxrewrite.rewrite.verify import flatten_outputs
 
 K = 8.0
 C = 4.0

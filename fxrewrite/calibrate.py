@@ -32,8 +32,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from .capture import as_args
-from .nn import DyT
+from .rewrite.capture import as_args
+from .rewrite.nn import DyT
 
 
 @dataclass
@@ -163,7 +163,7 @@ def _dyt_error(dyt: DyT, ref: nn.Module, x, params=None) -> float:
 
 
 def _outputs(model, batches):
-    from .verify import flatten_outputs
+    from .rewrite.verify import flatten_outputs
     outs = []
     with torch.no_grad():
         for bt in batches:

@@ -1,20 +1,16 @@
-"""`python -m rewrite.fuzz --n 10000 --jobs 2 --report RELIABILITY.md`: the differential fuzzer's CLI."""
+"""`python -m fxrewrite.fuzz --n 10000 --jobs 2 --report RELIABILITY.md`: the differential fuzzer's CLI."""
 from __future__ import annotations
 
-import os
+import argparse
+import sys
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
-
-import argparse  # noqa: E402
-import sys  # noqa: E402
-
-from .coverage import markdown  # noqa: E402
-from .oracle import OPTIONS, ROTATION  # noqa: E402
-from .runner import plan, reproductions, run, summary  # noqa: E402
+from .coverage import markdown
+from .oracle import OPTIONS, ROTATION
+from .runner import plan, reproductions, run, summary
 
 
 def parse(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="python -m rewrite.fuzz", description=__doc__)
+    ap = argparse.ArgumentParser(prog="python -m fxrewrite.fuzz", description=__doc__)
     ap.add_argument("--n", type=int, default=500, help="cases (seeds) to run")
     ap.add_argument("--seed", type=int, default=0, help="first seed")
     ap.add_argument("--jobs", type=int, default=2, help="worker processes (1: run in this process)")
@@ -22,7 +18,7 @@ def parse(argv=None) -> argparse.Namespace:
                     help=f"options to rotate over, comma-separated, from {sorted(OPTIONS)}")
     ap.add_argument("--inductor", type=int, default=0, help="extra cases through torch.compile + Inductor")
     ap.add_argument("--no-verify64", action="store_true",
-                    help="skip rewrite.verify(float64=True) (derivations replayed on float64 weights)")
+                    help="skip fxrewrite.rewrite.verify(float64=True) (derivations replayed on float64 weights)")
     ap.add_argument("--shrink-budget", type=int, default=100, help="case runs per failure class when shrinking (0: off)")
     ap.add_argument("--report", help="write the markdown table here (e.g. RELIABILITY.md)")
     return ap.parse_args(argv)
@@ -41,7 +37,7 @@ def main(argv=None) -> int:
     for text in repros.values():
         print("\n" + text)
     if args.report:
-        command = "python -m rewrite.fuzz " + " ".join(argv if argv is not None else sys.argv[1:])
+        command = "python -m fxrewrite.fuzz " + " ".join(argv if argv is not None else sys.argv[1:])
         with open(args.report, "w") as f:
             f.write(markdown(cov, wall, command, repros))
         print(f"wrote {args.report}")

@@ -1,7 +1,7 @@
 """The pipeline every front door runs on a captured graph: canonicalise, apply the passes in
 order through the one driver, drop the tensors no node reads any more (and say where each
 went), recompile once. `optimize` and the torch.compile backend build their list of passes
-the same way (`rewrite.api.build_pipeline`) and hand it here."""
+the same way (`fxrewrite.api.build_pipeline`) and hand it here."""
 from __future__ import annotations
 
 import torch.fx as fx

@@ -27,9 +27,9 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from rewrite import ops
-from rewrite.shapes import tensor_dtype, tensor_shape
-from rewrite.nn import DyT, SmeLU
+from ..rewrite import ops
+from ..rewrite.shapes import tensor_dtype, tensor_shape
+from ..rewrite.nn import DyT, SmeLU
 
 from .ir import OPS, SpecBuilder, region_name
 

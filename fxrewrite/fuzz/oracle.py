@@ -13,7 +13,7 @@ Failure classes (a case may have several; the shrinker keeps one):
     layout_false_reject  layout="channels_last" was put back because "outputs moved" (it is exact)
     nondeterministic     optimize twice on the same model gave different code
     not_idempotent       optimize(fast) differs from fast (or crashes: not_idempotent:<Type>)
-    verify64             rewrite.verify(float64=True) (derivations replayed on float64 weights) fails
+    verify64             fxrewrite.rewrite.verify(float64=True) (derivations replayed on float64 weights) fails
 Documented errors (CaptureError, VerificationError, TypeError, ValueError, KeyError) are not
 failures: the case is `rejected` with the reason, and the summary counts them.
 """
@@ -124,7 +124,7 @@ DOCUMENTED = ("CaptureError", "VerificationError", "TypeError", "ValueError", "K
 
 
 def _optimized(model, example, kwargs: dict, res: CaseResult, cls: str = "crash"):
-    from rewrite import InputError, optimize
+    from fxrewrite import InputError, optimize
     try:
         fast = optimize(model, example, **kwargs)
     except InputError as e:
@@ -155,7 +155,7 @@ def _compiled(program: dict, option: str, res: CaseResult):
     """torch.compile(backend="rewrite") on a separate build (inference: no grad), compiled on the
     example inputs; the backend never raises, so its reports say whether it fell back."""
     import torch._dynamo
-    from rewrite import backend
+    from fxrewrite import backend
     torch._dynamo.reset()
     seen = {id(r) for r in backend.REPORTS}
     compiled = torch.compile(build_model(program), backend="rewrite", options=dict(OPTIONS[option]))
@@ -204,7 +204,7 @@ def _idempotence(fast, program: dict, expected: dict, option: str, res: CaseResu
 
 
 def _verify64(model, fast, program: dict, res: CaseResult):
-    from rewrite import verify
+    from fxrewrite import verify
     try:
         result = verify(model, fast, make_inputs(program, "fresh"), float64=True, raise_on_fail=False)
     except Exception as e:  # noqa: BLE001

@@ -7,7 +7,7 @@ Export goes through PyTorch's own exporter (`torch.onnx.export(..., dynamo=True)
 then onnxscript), so the canonical ops become standard ONNX ops: `aten.convolution` -> Conv,
 `aten.linear` -> Gemm/MatMul, `aten.layer_norm` -> LayerNormalization, `aten.rms_norm` ->
 RMSNormalization at opset >= 23 (the exporter decomposes it into Pow/ReduceMean/Sqrt/Div at
-lower opsets). DyT and SmeLU (`rewrite.nn`) are ordinary elementwise PyTorch code (Tanh, Mul,
+lower opsets). DyT and SmeLU (`fxrewrite.rewrite.nn`) are ordinary elementwise PyTorch code (Tanh, Mul,
 Add; Where, Pow, Div), so they export as such. After export every node, including nodes inside
 local functions, must be in the standard ONNX domains: anything else raises `OnnxExportError`
 instead of writing a file only a custom runtime could load. A Triton-lowered model
@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from .capture import as_args
-from .verify import VerificationError, VerifyResult, compare, flatten_outputs
+from .rewrite.capture import as_args
+from .rewrite.verify import VerificationError, VerifyResult, compare, flatten_outputs
 
 STANDARD_DOMAINS = {"", "ai.onnx", "ai.onnx.ml"}
 
@@ -140,8 +140,8 @@ def lowered_decompositions(model: nn.Module) -> dict:
         return {}
     import json
 
-    from codegen.reference import run_reference
-    from codegen.runtime import OP
+    from .codegen.reference import run_reference
+    from .codegen.runtime import OP
 
     def fused_region(spec, inputs):
         outs = run_reference(json.loads(spec), inputs)

@@ -8,11 +8,11 @@ import threading
 import torch.fx as fx
 import torch.nn as nn
 
-from .capture import capture
-from .passmanager import Pass
-from .pipeline import run_pipeline
-from .report import Report
-from .verify import VerificationError, verify
+from .rewrite.capture import capture
+from .rewrite.passmanager import Pass
+from .rewrite.pipeline import run_pipeline
+from .rewrite.report import Report
+from .rewrite.verify import VerificationError, verify
 
 
 def optimize(model: nn.Module, example_inputs, passes=None, check: bool = False,
@@ -87,8 +87,8 @@ def build_pipeline(passes=None, lower: str | None = None, inplace: bool = True,
     """The passes `optimize` and the compile backend run, in order: the selected ones (the exact
     default when None), then the Triton lowering (after lifting written-out RMSNorms), the
     in-place finishing step and the layout change, each when asked for."""
-    import codegen
-    import passes as catalogue
+    from . import codegen
+    from . import passes as catalogue
 
     if lower not in (None, "triton"):
         raise ValueError(f"unknown lowering {lower!r}; supported: 'triton'")

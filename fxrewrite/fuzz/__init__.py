@@ -5,7 +5,7 @@ interprets it (`model`), and one `optimize` option, checked against a float64 or
 (`oracle`). Failing programs are shrunk (`shrink`) and printed as a reproduction; what was drawn
 and what was rewritten is counted (`coverage`) so that a clean run cannot come from skipping.
 
-    python -m rewrite.fuzz --n 10000 --jobs 2 --report RELIABILITY.md
+    python -m fxrewrite.fuzz --n 10000 --jobs 2 --report RELIABILITY.md
 """
 from .grammar import generate
 from .model import build_model, make_inputs

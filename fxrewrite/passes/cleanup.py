@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from rewrite.passmanager import Pass, Rule
-from rewrite.pattern import Any, Op
+from ..rewrite.passmanager import Pass, Rule
+from ..rewrite.pattern import Any, Op
 
 
 def remove_identity(rw, x, node):

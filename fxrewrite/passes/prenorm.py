@@ -34,9 +34,9 @@ import math
 import torch
 import torch.fx as fx
 
-from rewrite import ops
-from rewrite.shapes import tensor_shape
-from rewrite.passmanager import Pass
+from ..rewrite import ops
+from ..rewrite.shapes import tensor_shape
+from ..rewrite.passmanager import Pass
 
 from .swap_common import deviation, fmt_dev, module_path, run_recording
 from .swaps import _op_name

@@ -2,9 +2,9 @@
 
 Dynamo hands a backend an FX graph whose parameters and buffers are graph inputs and whose
 calls are functional (`torch.conv2d`, `F.batch_norm`, `operator.iadd`). For inference graphs
-the parameters become constants first (`rewrite.freeze`, what Inductor's freezing does, on a
-copy of the graph); then the same pipeline as `optimize` runs (`rewrite.api.build_pipeline`,
-`rewrite.pipeline.run_pipeline`), and the result goes to the final compiler (Inductor by
+the parameters become constants first (`fxrewrite.rewrite.freeze`, what Inductor's freezing does, on a
+copy of the graph); then the same pipeline as `optimize` runs (`fxrewrite.api.build_pipeline`,
+`fxrewrite.rewrite.pipeline.run_pipeline`), and the result goes to the final compiler (Inductor by
 default).
 
 When it freezes, and when it does not (the graph then passes through unchanged):
@@ -42,9 +42,9 @@ from typing import Callable
 import torch
 import torch.fx as fx
 
-from .freeze import freeze_parameters, why_not_freeze
-from .pipeline import run_pipeline
-from .report import Report
+from .rewrite.freeze import freeze_parameters, why_not_freeze
+from .rewrite.pipeline import run_pipeline
+from .rewrite.report import Report
 
 OPTIONS = ("passes", "lower", "layout", "inplace", "compiler", "verbose")
 REPORTS: list[Report] = []

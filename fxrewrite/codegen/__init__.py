@@ -20,9 +20,9 @@ import operator
 
 import torch.fx as fx
 
-from rewrite.effects import moved_read
-from rewrite.passmanager import Pass
-from rewrite.rewriter import Rewriter
+from ..rewrite.effects import moved_read
+from ..rewrite.passmanager import Pass
+from ..rewrite.rewriter import Rewriter
 
 from .ir import dumps, spec_hash
 from .regions import NotFusable, Region, describe_norm, find_regions, grow, is_meta_check, positions

@@ -1,4 +1,4 @@
-"""The command line: `python -m rewrite optimize PACKAGE.MODULE:FACTORY --input-shape 1,3,224,224`.
+"""The command line: `python -m fxrewrite optimize PACKAGE.MODULE:FACTORY --input-shape 1,3,224,224`.
 
 Builds the model by calling FACTORY with no arguments, puts it in eval mode, optimizes it,
 prints the report table, the measured error against the original on a fresh random input, and
@@ -94,10 +94,10 @@ def median_latencies(models: list, inputs, runs: int) -> list[float]:
 
 
 def _write_drawing(graph, path: str) -> str:
-    """Write `graph` to `path`: DOT text (`rewrite.graphview.to_dot`), rendered to SVG by
+    """Write `graph` to `path`: DOT text (`fxrewrite.rewrite.graphview.to_dot`), rendered to SVG by
     graphviz's `dot` when the path ends in .svg. Without `dot` the DOT text goes to the same
     name with a .dot suffix, and a line on stderr says so. Returns the path written."""
-    from .graphview import to_dot
+    from .rewrite.graphview import to_dot
     dot_text = to_dot(graph)
     if path.endswith(".svg"):
         if shutil.which("dot") is None:
@@ -119,7 +119,7 @@ def _write_drawing(graph, path: str) -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="rewrite", description="fx-rewrite: optimize a PyTorch model's graph")
+    p = argparse.ArgumentParser(prog="fxrewrite", description="fx-rewrite: optimize a PyTorch model's graph")
     sub = p.add_subparsers(dest="command", required=True)
     o = sub.add_parser("optimize", help="optimize a model built by a factory function")
     o.add_argument("factory", help="PACKAGE.MODULE:FACTORY, called with no arguments (e.g. torchvision.models:resnet18)")
@@ -144,7 +144,7 @@ def main(argv=None) -> int:
     try:
         return _optimize(args)
     except UsageError as e:
-        print(f"rewrite: error: {e}", file=sys.stderr)
+        print(f"fxrewrite: error: {e}", file=sys.stderr)
         return 2
 
 
@@ -159,15 +159,15 @@ def _optimize(args) -> int:
     import torch
     import torch.nn as nn
 
-    import passes as catalogue
+    from . import passes as catalogue
 
     # torch's own warnings while tracing a model that cannot be captured would bury the one-line
     # error this command promises; the capture failure itself is reported below
     torch._logging.set_logs(all=logging.ERROR)
 
     from .api import optimize
-    from .capture import CaptureError, InputError
-    from .verify import verify
+    from .rewrite.capture import CaptureError, InputError
+    from .rewrite.verify import verify
 
     pass_names = [s.strip() for s in args.passes.split(",") if s.strip()] if args.passes else None
     try:
@@ -232,7 +232,7 @@ def _optimize(args) -> int:
         path = _write_drawing(fast.graph, args.draw)
         print(f"\ngraph drawn to {path}")
     if args.check and not ok:
-        print("rewrite: check failed: a result is past tolerance", file=sys.stderr)
+        print("fxrewrite: check failed: a result is past tolerance", file=sys.stderr)
         return 1
     return 0
 

@@ -18,14 +18,14 @@ import io
 import torch
 import torch.fx as fx
 
-from rewrite import ops
-from rewrite.attrs import fetch_attr
-from rewrite.capture import recompile
-from rewrite.clone import clone_inputs, preserved_state
-from rewrite.passmanager import Pass
-from rewrite.rewriter import Rewriter
-from rewrite.shapes import tensor_shape
-from rewrite.verify import compare, default_rtol, flatten_outputs
+from ..rewrite import ops
+from ..rewrite.attrs import fetch_attr
+from ..rewrite.capture import recompile
+from ..rewrite.clone import clone_inputs, preserved_state
+from ..rewrite.passmanager import Pass
+from ..rewrite.rewriter import Rewriter
+from ..rewrite.shapes import tensor_shape
+from ..rewrite.verify import compare, default_rtol, flatten_outputs
 
 NAME = "layout"
 

@@ -12,10 +12,10 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from rewrite import ops
-from rewrite.passmanager import Pass
-from rewrite.rewriter import Rewriter
-from rewrite.shapes import tensor_dtype, tensor_shape
+from ..rewrite import ops
+from ..rewrite.passmanager import Pass
+from ..rewrite.rewriter import Rewriter
+from ..rewrite.shapes import tensor_dtype, tensor_shape
 
 aten = torch.ops.aten
 

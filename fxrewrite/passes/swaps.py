@@ -21,7 +21,7 @@ The maths, and what each swap gives up:
   arranged) and the bias b (unless `keep_bias=True`, which adds b after the RMSNorm).
 - LayerNorm/RMSNorm -> DyT: w * tanh(alpha x) + b with the norm's own w (and b; 0 for RMSNorm or
   a norm without one). No normalisation at all: tanh only squashes, so the deviation depends on
-  the input scale; `rewrite.calibrate` fits alpha (and optionally w, b) to the replaced norm's
+  the input scale; `fxrewrite.calibrate` fits alpha (and optionally w, b) to the replaced norm's
   outputs on sample data. alpha0 = 0.5 by default ("Transformers without Normalization"); with
   `alpha="llm"` the paper's LLM rule: a larger alpha0 for norms that feed attention than for the
   others, by model width (4096: 0.8 / 0.2, 5120: 0.6 / 0.15, 8192: 0.2 / 0.05; narrower models
@@ -38,10 +38,10 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from rewrite import ops
-from rewrite.nn import DyT, GeneralizedSmeLU, SmeLU
-from rewrite.passmanager import Pass
-from rewrite.shapes import tensor_dtype
+from ..rewrite import ops
+from ..rewrite.nn import DyT, GeneralizedSmeLU, SmeLU
+from ..rewrite.passmanager import Pass
+from ..rewrite.shapes import tensor_dtype
 
 from .swap_common import Selector, deviation, fmt_dev, module_path, nodes_with, run_recording
 

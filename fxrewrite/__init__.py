@@ -1,16 +1,16 @@
 """fx-rewrite: a graph-rewrite compiler for PyTorch models.
 
-    from rewrite import optimize, verify
+    from fxrewrite import optimize, verify
     fast = optimize(model, example_inputs)   # a new module; `model` is untouched
     print(fast.report)
     verify(model, fast, example_inputs)
 """
 from .api import optimize
 from .calibrate import CalibrationReport, calibrate  # noqa: F401  (architecture swaps: fit DyT to the norms it replaced)
-from .capture import CaptureError, InputError
+from .rewrite.capture import CaptureError, InputError
 from .onnx_export import OnnxExportError, check_onnx, export_onnx
-from .report import Report
-from .verify import VerificationError, VerifyResult, verify
+from .rewrite.report import Report
+from .rewrite.verify import VerificationError, VerifyResult, verify
 
 __all__ = ["optimize", "verify", "Report", "VerifyResult", "VerificationError", "CaptureError", "InputError",
            "export_onnx", "check_onnx", "OnnxExportError"]

@@ -5,17 +5,14 @@ MAX_TASKS cases so that Dynamo's and Triton's caches cannot grow without bound.
 """
 from __future__ import annotations
 
+import multiprocessing
 import os
+import sys
+import time
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton kernels on the CPU, set before triton is imported
-
-import multiprocessing  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-
-from .coverage import Coverage, constructs  # noqa: E402
-from .oracle import ROTATION, run_case  # noqa: E402
-from .shrink import reproduction, shrink  # noqa: E402
+from .coverage import Coverage, constructs
+from .oracle import ROTATION, run_case
+from .shrink import reproduction, shrink
 
 MAX_TASKS = 300
 
@@ -33,6 +30,7 @@ def _work(task):
 
 
 def run(tasks, jobs: int = 2, verify64: bool = True, out=sys.stdout) -> tuple[Coverage, float]:
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # kernels on the CPU; workers inherit it
     """Run the cases, printing progress; returns the totals and the wall time."""
     cov, t0 = Coverage(), time.perf_counter()
     work = [(s, o, verify64) for s, o in tasks]

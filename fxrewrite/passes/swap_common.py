@@ -25,7 +25,7 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
-from rewrite.clone import clone_inputs, preserved_state
+from ..rewrite.clone import clone_inputs, preserved_state
 
 
 # ---------------------------------------------------------------- where an op came from

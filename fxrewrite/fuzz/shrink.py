@@ -72,6 +72,6 @@ def reproduction(program: dict, option: str, cls: str, detail: str = "") -> str:
     literal = pprint.pformat(program, width=100, sort_dicts=False)
     return (f"# {cls} ({option}): {detail[:200]}\n"
             "import os; os.environ.setdefault('TRITON_INTERPRET', '1')\n"
-            "from rewrite.fuzz import check_program\n"
+            "from fxrewrite.fuzz import check_program\n"
             f"program = {literal}\n"
             f"print(check_program(program, {option!r}).failures)\n")

@@ -41,12 +41,12 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from rewrite import ops
-from rewrite.effects import moved_read
-from rewrite.graphview import DominatorView
-from rewrite.passmanager import Pass
-from rewrite.attrs import fetch_attr
-from rewrite.shapes import tensor_dtype, tensor_shape
+from ..rewrite import ops
+from ..rewrite.effects import moved_read
+from ..rewrite.graphview import DominatorView
+from ..rewrite.passmanager import Pass
+from ..rewrite.attrs import fetch_attr
+from ..rewrite.shapes import tensor_dtype, tensor_shape
 
 from . import reparam_math as rm
 from .reparam_math import NotMergeable

@@ -1,6 +1,0 @@
-"""`python -m rewrite ...`: see `rewrite.cli`."""
-import sys
-
-from .cli import main
-
-sys.exit(main())
