@@ -408,16 +408,10 @@ def _none(spec, shape):
     return nn.ModuleDict()
 
 
-BUILD = {"conv": build_conv, "convT": build_conv, "branches": build_branches, "chain": build_chain,
-         "residual": build_residual, "cat": build_cat, "shared": build_shared, "tied": build_tied,
-         "readtwice": build_readtwice, "mutate": build_mutate, "flatten_fc": build_flatten_fc,
-         "view": _none, "to_vec": build_to_vec, "to_seq": _none, "bn_only": build_bn_only,
-         "affine": build_affine, "act": build_act, "control": _none, "linear": build_linear,
-         "linchain": build_linchain, "lora": build_lora, "layernorm": build_layernorm}
+_KINDS = ["conv", "branches", "chain", "residual", "cat", "shared", "tied", "readtwice", "mutate", "flatten_fc",
+          "view", "to_vec", "to_seq", "bn_only", "affine", "act", "control", "linear", "linchain", "lora", "layernorm"]
+_NO_MODULES = {"view", "to_seq", "control"}  # blocks with a forward and nothing to build
 
-APPLY = {"conv": apply_conv, "convT": apply_conv, "branches": apply_branches, "chain": apply_chain,
-         "residual": apply_residual, "cat": apply_cat, "shared": apply_shared, "tied": apply_tied,
-         "readtwice": apply_readtwice, "mutate": apply_mutate, "flatten_fc": apply_flatten_fc,
-         "view": apply_view, "to_vec": apply_to_vec, "to_seq": apply_to_seq, "bn_only": apply_bn_only,
-         "affine": apply_affine, "act": apply_act, "control": apply_control, "linear": apply_linear,
-         "linchain": apply_linchain, "lora": apply_lora, "layernorm": apply_layernorm}
+BUILD = {k: _none if k in _NO_MODULES else globals()[f"build_{k}"] for k in _KINDS}
+APPLY = {k: globals()[f"apply_{k}"] for k in _KINDS}
+BUILD["convT"], APPLY["convT"] = build_conv, apply_conv  # a transposed conv is built and run by the conv block
