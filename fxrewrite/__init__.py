@@ -6,11 +6,11 @@
     verify(model, fast, example_inputs)
 """
 from .api import optimize
-from .calibrate import CalibrationReport, calibrate  # noqa: F401  (architecture swaps: fit DyT to the norms it replaced)
+from .calibrate import CalibrationReport, calibrate  # architecture swaps: fit DyT to the norms it replaced
 from .rewrite.capture import CaptureError, InputError
 from .onnx_export import OnnxExportError, check_onnx, export_onnx
 from .rewrite.report import Report
 from .rewrite.verify import VerificationError, VerifyResult, verify
 
 __all__ = ["optimize", "verify", "Report", "VerifyResult", "VerificationError", "CaptureError", "InputError",
-           "export_onnx", "check_onnx", "OnnxExportError"]
+           "export_onnx", "check_onnx", "OnnxExportError", "calibrate", "CalibrationReport"]

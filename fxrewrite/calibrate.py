@@ -34,6 +34,7 @@ import torch.nn as nn
 
 from .rewrite.capture import as_args
 from .rewrite.nn import DyT
+from .rewrite.verify import deviation, flatten_outputs
 
 
 @dataclass
@@ -163,7 +164,6 @@ def _dyt_error(dyt: DyT, ref: nn.Module, x, params=None) -> float:
 
 
 def _outputs(model, batches):
-    from .rewrite.verify import flatten_outputs
     outs = []
     with torch.no_grad():
         for bt in batches:
@@ -173,13 +173,9 @@ def _outputs(model, batches):
 
 
 def _output_deviation(ref_outs, outs) -> float:
-    worst = 0.0
-    for r, c in zip(ref_outs, outs):
-        for k, v in r.items():
-            if v.is_floating_point():
-                scale = float(v.double().abs().max())
-                worst = max(worst, float((v.double() - c[k].double()).abs().max()) / max(scale, 1e-300))
-    return worst
+    """The worst max rel deviation (`rewrite.verify.deviation`) of any floating output on any batch."""
+    return max((deviation(v, c[k])[1] for r, c in zip(ref_outs, outs) for k, v in r.items() if v.is_floating_point()),
+               default=0.0)
 
 
 def calibrate(model: nn.Module, batches, *, fit_affine: bool = False, holdout=None, reference: nn.Module | None = None,
@@ -201,6 +197,33 @@ def calibrate(model: nn.Module, batches, *, fit_affine: bool = False, holdout=No
     holdout = list(holdout) if holdout is not None else None
     if not batches:
         raise ValueError("calibrate needs at least one batch of inputs")
+    layers = _dyt_layers(model, norms)
+
+    report = CalibrationReport()
+    eval_data = holdout if holdout is not None else batches
+    report.data = "held-out batches" if holdout is not None else "calibration batches"
+    ref_outs = _outputs(reference, eval_data) if reference is not None else None
+    if ref_outs is not None:
+        report.output_before = _output_deviation(ref_outs, _outputs(model, eval_data))
+    initial = {n: _params(d) for n, d, _ in layers}
+
+    fit_inputs = None if sequential else {n: _collect(model, d, batches, max_rows) for n, d, _ in layers}
+    for name, dyt, ref in layers:
+        x = _collect(model, dyt, batches, max_rows) if sequential else fit_inputs[name]
+        report.layers.append(_fit_layer(name, dyt, ref, x, fit_affine, min_affine_rows))
+
+    if holdout:  # both on the held-out inputs the layer sees in the calibrated model: only the fit differs
+        for row, (name, dyt, ref) in zip(report.layers, layers):
+            xh = _collect(model, dyt, holdout, max_rows)
+            row.holdout_before = _dyt_error(dyt, ref, xh, initial[name])
+            row.holdout_after = _dyt_error(dyt, ref, xh)
+    if ref_outs is not None:
+        report.output_after = _output_deviation(ref_outs, _outputs(model, eval_data))
+    return report
+
+
+def _dyt_layers(model: nn.Module, norms) -> list[tuple[str, DyT, nn.Module]]:
+    """(name, DyT, the norm it replaced in float64) for each recorded DyT still in `model`."""
     if norms is None:
         norms = getattr(model, "meta", {}).get("swapped_norms")
         if not norms:
@@ -216,42 +239,27 @@ def calibrate(model: nn.Module, batches, *, fit_affine: bool = False, holdout=No
         layers.append((name, named[name], ref.double().eval()))
     if not layers:
         raise ValueError("none of the recorded DyT layers is in the model")
+    return layers
 
-    report = CalibrationReport()
-    eval_data = holdout if holdout is not None else batches
-    report.data = "held-out batches" if holdout is not None else "calibration batches"
-    ref_outs = _outputs(reference, eval_data) if reference is not None else None
-    if ref_outs is not None:
-        report.output_before = _output_deviation(ref_outs, _outputs(model, eval_data))
-    initial = {n: _params(d) for n, d, _ in layers}
 
-    fit_inputs = None if sequential else {n: _collect(model, d, batches, max_rows) for n, d, _ in layers}
-    for name, dyt, ref in layers:
-        x = _collect(model, dyt, batches, max_rows) if sequential else fit_inputs[name]
-        with torch.no_grad():
-            t = ref(x)
-            w = dyt.weight.detach().double()
-            b = dyt.bias.detach().double() if dyt.bias is not None else None
-            a0 = float(dyt.alpha.detach())
-            before = _dyt_error(dyt, ref, x)
-            affine = fit_affine and x.shape[0] >= min_affine_rows
-            note = "" if affine or not fit_affine else \
-                f"alpha only: {x.shape[0]} rows < min_affine_rows={min_affine_rows} for a per-channel w, b"
-            alpha = _fit_alpha(x, t, w, b, affine, a0)
-            _, w_new, b_new = _error_at(alpha, x, t, w, b, affine)
-            dyt.alpha.fill_(alpha)
-            if affine:
-                dyt.weight.copy_(w_new)
-                if dyt.bias is not None:
-                    dyt.bias.copy_(b_new)
-            after = _dyt_error(dyt, ref, x)
-        report.layers.append(LayerCalibration(name, a0, alpha, before, after, rows=x.shape[0], note=note))
-
-    if holdout:  # both on the held-out inputs the layer sees in the calibrated model: only the fit differs
-        for row, (name, dyt, ref) in zip(report.layers, layers):
-            xh = _collect(model, dyt, holdout, max_rows)
-            row.holdout_before = _dyt_error(dyt, ref, xh, initial[name])
-            row.holdout_after = _dyt_error(dyt, ref, xh)
-    if ref_outs is not None:
-        report.output_after = _output_deviation(ref_outs, _outputs(model, eval_data))
-    return report
+def _fit_layer(name: str, dyt: DyT, ref: nn.Module, x: torch.Tensor, fit_affine: bool,
+               min_affine_rows: int) -> LayerCalibration:
+    """Fit one DyT on its inputs `x` to `ref(x)`, set its parameters, and say how it went."""
+    with torch.no_grad():
+        t = ref(x)
+        w = dyt.weight.detach().double()
+        b = dyt.bias.detach().double() if dyt.bias is not None else None
+        a0 = float(dyt.alpha.detach())
+        before = _dyt_error(dyt, ref, x)
+        affine = fit_affine and x.shape[0] >= min_affine_rows
+        note = "" if affine or not fit_affine else \
+            f"alpha only: {x.shape[0]} rows < min_affine_rows={min_affine_rows} for a per-channel w, b"
+        alpha = _fit_alpha(x, t, w, b, affine, a0)
+        _, w_new, b_new = _error_at(alpha, x, t, w, b, affine)
+        dyt.alpha.fill_(alpha)
+        if affine:
+            dyt.weight.copy_(w_new)
+            if dyt.bias is not None:
+                dyt.bias.copy_(b_new)
+        after = _dyt_error(dyt, ref, x)
+    return LayerCalibration(name, a0, alpha, before, after, rows=x.shape[0], note=note)

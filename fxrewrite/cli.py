@@ -157,17 +157,12 @@ def _optimize(args) -> int:
         if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
             raise UsageError(f"{flag} {path}: directory {os.path.dirname(os.path.abspath(path))!r} does not exist")
     import torch
-    import torch.nn as nn
 
     from . import passes as catalogue
 
     # torch's own warnings while tracing a model that cannot be captured would bury the one-line
     # error this command promises; the capture failure itself is reported below
     torch._logging.set_logs(all=logging.ERROR)
-
-    from .api import optimize
-    from .rewrite.capture import CaptureError, InputError
-    from .rewrite.verify import verify
 
     pass_names = [s.strip() for s in args.passes.split(",") if s.strip()] if args.passes else None
     try:
@@ -176,13 +171,33 @@ def _optimize(args) -> int:
         raise UsageError(e.args[0]) from None
 
     torch.manual_seed(args.seed)
-    with _step(f"building {args.factory}"):
+    model, inputs = _build(args.factory, factory, shapes)
+    fast = _optimized(model, inputs, pass_names, args.layout)
+    print(fast.report.table())
+
+    ok = _measure(model, fast, inputs, shapes, args.runs)
+    if args.onnx:
+        ok &= _export_and_check(model, fast, inputs, shapes, args)
+    if args.draw:
+        path = _write_drawing(fast.graph, args.draw)
+        print(f"\ngraph drawn to {path}")
+    if args.check and not ok:
+        print("fxrewrite: check failed: a result is past tolerance", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _build(name: str, factory, shapes):
+    """The model `factory()` builds, in eval mode, and random inputs of `shapes` it runs on."""
+    import torch
+    import torch.nn as nn
+    with _step(f"building {name}"):
         try:
             model = factory()
         except Exception as e:
-            raise UsageError(f"calling {args.factory}() failed: {_one_line(e)}") from None
+            raise UsageError(f"calling {name}() failed: {_one_line(e)}") from None
         if not isinstance(model, nn.Module):
-            raise UsageError(f"{args.factory}() returned {type(model).__name__}, not a torch.nn.Module")
+            raise UsageError(f"{name}() returned {type(model).__name__}, not a torch.nn.Module")
         model.eval()
     inputs = tuple(torch.randn(s) for s in shapes)
     with _step("running the original model"):
@@ -192,49 +207,60 @@ def _optimize(args) -> int:
         except Exception as e:
             raise UsageError(f"the model fails on inputs of shape {[list(s) for s in shapes]}: {_one_line(e)}") \
                 from None
+    return model, inputs
+
+
+def _optimized(model, inputs, pass_names, layout):
+    from .api import optimize
+    from .rewrite.capture import CaptureError, InputError
     with _step("optimizing"):
         chatter = io.StringIO()  # torch.export prints partial graphs to stderr when it fails
         try:
             with redirect_stderr(chatter):
-                fast = optimize(model, inputs, passes=pass_names, layout=args.layout)
+                fast = optimize(model, inputs, passes=pass_names, layout=layout)
         except (CaptureError, InputError) as e:
             raise UsageError(f"cannot capture the model: {_one_line(e)}") from None
         sys.stderr.write(chatter.getvalue())
-    print(fast.report.table())
+    return fast
 
-    ok = True
+
+def _measure(model, fast, inputs, shapes, runs: int) -> bool:
+    """Print the error on a fresh input and the latencies; whether the error is within tolerance."""
+    import torch
+
+    from .rewrite.verify import verify
     fresh = tuple(torch.randn(s) for s in shapes)  # not the inputs it was captured with
     with _step("measuring the error on a fresh random input"):
         result = verify(model, fast, fresh, raise_on_fail=False)
     print(f"\nerror vs original (fresh input): {result}")
-    ok &= result.passed
     with _step("timing the original and the optimized model"):
-        before, after = median_latencies([model, fast], inputs, args.runs)
-    print(f"eager latency, median of {args.runs}: before {before * 1e3:.2f} ms, after {after * 1e3:.2f} ms "
+        before, after = median_latencies([model, fast], inputs, runs)
+    print(f"eager latency, median of {runs}: before {before * 1e3:.2f} ms, after {after * 1e3:.2f} ms "
           f"(speedup {before / after:.2f}x)")
+    return result.passed
 
-    if args.onnx:
-        from .onnx_export import OnnxExportError, check_onnx, export_onnx
-        with _step(f"exporting ONNX to {args.onnx}"):
-            try:
-                info = export_onnx(fast, inputs, args.onnx, opset=args.opset, dynamic_batch=not args.static_batch)
-            except OnnxExportError as e:
-                raise UsageError(_one_line(e)) from None
-        print(f"\nonnx: {info}")
-        batches = [shapes[0][0]] if args.static_batch else [shapes[0][0], shapes[0][0] + 1]
-        for b in batches:
-            with _step(f"checking the ONNX file in onnxruntime at batch {b}"):
-                x = tuple(torch.randn((b,) + s[1:]) for s in shapes)
-                onnx_result = check_onnx(model, args.onnx, x)
-            print(f"onnxruntime vs original, batch {b}: {onnx_result}")
-            ok &= onnx_result.passed
-    if args.draw:
-        path = _write_drawing(fast.graph, args.draw)
-        print(f"\ngraph drawn to {path}")
-    if args.check and not ok:
-        print("fxrewrite: check failed: a result is past tolerance", file=sys.stderr)
-        return 1
-    return 0
+
+def _export_and_check(model, fast, inputs, shapes, args) -> bool:
+    """Write `fast` to `args.onnx` and compare onnxruntime on it with `model`, at the batch size
+    of the inputs and (with a dynamic batch) one more; whether all were within tolerance."""
+    import torch
+
+    from .onnx_export import OnnxExportError, check_onnx, export_onnx
+    with _step(f"exporting ONNX to {args.onnx}"):
+        try:
+            info = export_onnx(fast, inputs, args.onnx, opset=args.opset, dynamic_batch=not args.static_batch)
+        except OnnxExportError as e:
+            raise UsageError(_one_line(e)) from None
+    print(f"\nonnx: {info}")
+    ok = True
+    batches = [shapes[0][0]] if args.static_batch else [shapes[0][0], shapes[0][0] + 1]
+    for b in batches:
+        with _step(f"checking the ONNX file in onnxruntime at batch {b}"):
+            x = tuple(torch.randn((b,) + s[1:]) for s in shapes)
+            onnx_result = check_onnx(model, args.onnx, x)
+        print(f"onnxruntime vs original, batch {b}: {onnx_result}")
+        ok &= onnx_result.passed
+    return ok
 
 
 if __name__ == "__main__":

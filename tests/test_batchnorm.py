@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from fxrewrite import CaptureError, InputError, optimize, verify
 from fxrewrite.rewrite import ops
 
-from conftest import count, randomize_bn
+from conftest import ConvBNReadElsewhere, count, randomize_bn
 
 CONV = {(1, False): nn.Conv1d, (2, False): nn.Conv2d, (3, False): nn.Conv3d,
         (1, True): nn.ConvTranspose1d, (2, True): nn.ConvTranspose2d, (3, True): nn.ConvTranspose3d}
@@ -122,16 +122,7 @@ def test_shared_bn_module_used_twice():
 
 
 def test_conv_output_read_elsewhere_is_skipped_with_reason():
-    class M(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv, self.bn = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)
-
-        def forward(self, x):
-            y = self.conv(x)
-            return self.bn(y), y
-
-    m = randomize_bn(M()).eval()
+    m = randomize_bn(ConvBNReadElsewhere()).eval()
     x = torch.randn(1, 3, 5, 5)
     fast = optimize(m, x)
     assert count(fast, ops.batch_norm) == 1

@@ -16,7 +16,7 @@ from fxrewrite.rewrite.capture import capture
 from fxrewrite.rewrite.passmanager import Pass, Rule, run_pass
 from fxrewrite.rewrite.pattern import Any, Lit, NoMatch, Op, Param, match
 
-from conftest import count
+from conftest import ConvBNReadElsewhere, count
 
 
 def canonical(model, x):
@@ -125,16 +125,7 @@ def test_pattern_captures_and_reasons():
 
 
 def test_interior_value_with_two_users_is_a_near_miss_with_reason():
-    class M(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv, self.bn = nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3)
-
-        def forward(self, x):
-            y = self.conv(x)
-            return self.bn(y) + y
-
-    m = M().eval()
+    m = ConvBNReadElsewhere(channels=3, add=True).eval()
     x = torch.randn(1, 3, 4, 4)
     f = optimize(m, x, passes=["fold_batchnorm"])  # (merge_branches would merge bn(y) + y as a whole)
     assert count(f, ops.batch_norm) == 1

@@ -24,8 +24,9 @@ from ..rewrite.effects import moved_read
 from ..rewrite.passmanager import Pass
 from ..rewrite.rewriter import Rewriter
 
+from .emit import kernel_name
 from .ir import dumps, spec_hash
-from .regions import NotFusable, Region, describe_norm, find_regions, grow, is_meta_check, positions
+from .regions import NotFusable, Region, find_regions, grow_regions, is_meta_check, positions
 
 __all__ = ["LOWER_TRITON", "find_regions", "Region", "fused_region_op"]
 
@@ -42,32 +43,35 @@ def lower_regions(rw: Rewriter) -> list[Region]:
     Each region is reported as rewrote (its ops and the kernel it becomes, with the spec's
     structural hash); each norm that could not be fused as skipped, with the reason. Written-out
     RMSNorms must be lifted first (the pipeline runs `lift_norms` before this pass), or no
-    region would ever match the norms of exported language models.
+    region would ever match the norms of exported language models. Each region is grown on the
+    graph as the regions before it left it (their nodes are gone by then), so none is claimed.
     """
     gm, op, lowered = rw.gm, fused_region_op(), []
-    norm_nodes = [n for n in gm.graph.nodes if _is_norm(gm, n)]
     order = positions(gm.graph)  # one numbering for all regions (renumbering per region is quadratic)
-    for node in norm_nodes:
-        try:
-            d = describe_norm(gm, node)
-            region = grow(gm, node, d, claimed=set(), order=order)
-        except NotFusable as e:
-            rw.skip(node.name, f"not lowered: {e}")
+    any_norm = False
+    for node, found in grow_regions(gm, order, claimed=set()):
+        any_norm = True
+        if isinstance(found, NotFusable):
+            rw.skip(node.name, f"not lowered: {found}")
             continue
-        moved = moved_read(region.nodes, _anchor(region, order))
+        moved = moved_read(found.nodes, _anchor(found, order))
         if moved:
             rw.skip(node.name, f"not lowered: {moved}")
             continue
-        _replace(rw, region, op, order)
-        text = dumps(region.spec)
-        outs = ", ".join(o.name for o in region.outputs)
-        rw.rewrote(node.name, f"{' -> '.join(f'{n.name}:{o}' for n, o in zip(region.nodes, region.ops))} => "
-                              f"fxrewrite.fused_region kernel _{region.name}_fwd_kernel [spec {spec_hash(text)}], "
-                              f"outputs {outs}")
-        lowered.append(region)
-    if not norm_nodes:
+        _replace(rw, found, op, order)
+        rw.rewrote(node.name, _lowering_message(found))
+        lowered.append(found)
+    if not any_norm:
         rw.note("graph", "no LayerNorm/RMSNorm/DyT/BatchNorm to lower")
     return lowered
+
+
+def _lowering_message(region: Region) -> str:
+    """The report line of a lowered region: its nodes and ops, the kernel and spec hash, its outputs."""
+    steps = " -> ".join(f"{n.name}:{o}" for n, o in zip(region.nodes, region.ops))
+    outs = ", ".join(o.name for o in region.outputs)
+    return (f"{steps} => fxrewrite.fused_region kernel {kernel_name(region.spec)} "
+            f"[spec {spec_hash(dumps(region.spec))}], outputs {outs}")
 
 
 LOWER_TRITON = Pass("lower_triton", "rounding", analysis=lower_regions, doc=__doc__)
@@ -85,13 +89,6 @@ def _number_inserted(order: dict[fx.Node, float], anchor: fx.Node):
     high = order[anchor]
     for k, node in enumerate(reversed(new), start=1):
         order[node] = low + (high - low) * k / (len(new) + 1)
-
-
-def _is_norm(gm, node) -> bool:
-    try:
-        return describe_norm(gm, node) is not None
-    except NotFusable:
-        return True
 
 
 def _anchor(region: Region, order: dict[fx.Node, float]) -> fx.Node:

@@ -17,11 +17,11 @@ An argument is `["in", i]` (run-time input i), `["v", j]` (the value of node j, 
 region's *domain* shape (the norm input's shape) or broadcast to it; `channel_view = k > 0` marks
 a per-channel BatchNorm vector that is viewed as `(C, 1, ..., 1)` (k ones) before broadcasting.
 
-Every operation is one `OpDef` in `OPS`: its eager meaning (the ATen call the FX graph made, used
-by `reference` as the CPU fallback and test oracle) and its Triton expression (text, used by
-`emit`). The kernel templates never name an operation: adding an elementwise op is one entry
-here and no kernel code. Norms carry the row statistics they need (`stats`) and an expression
-that applies them.
+Every operation is one `OpDef` in `OPS`: its eager meaning (the ATen call the FX graph made, or
+for a `rewrite.nn` module the function its forward calls; used by `reference` as the CPU
+fallback and test oracle) and its Triton expression (text, used by `emit`). The kernel templates
+never name an operation: adding an elementwise op is one entry here and no kernel code. Norms
+carry the row statistics they need (`stats`) and an expression that applies them.
 
 The structural hash of a spec (`spec_hash`) keys the kernel cache: two regions with the same
 ops, dtypes and literals share a kernel whatever their tensors' names or sizes.
@@ -35,7 +35,8 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
+
+from ..rewrite.nn import dyt, smelu
 
 aten = torch.ops.aten
 
@@ -48,6 +49,7 @@ TL_DTYPES = {"float16": "tl.float16", "bfloat16": "tl.bfloat16", "float32": "tl.
 
 
 def dtype_name(dtype: torch.dtype) -> str:
+    """The spec's name of a torch dtype: torch.bfloat16 -> "bfloat16"."""
     return str(dtype).replace("torch.", "")
 
 
@@ -55,7 +57,8 @@ def dtype_name(dtype: torch.dtype) -> str:
 class OpDef:
     """One operation of the IR.
 
-    eager(args, attrs) -> Tensor: the exact eager computation (ATen, as the graph had it).
+    eager(args, attrs) -> Tensor: the exact eager computation (ATen, as the graph had it, or
+        the `rewrite.nn` function a module's forward calls).
     triton(args, attrs, target) -> str: a Triton expression over argument expressions (strings
         of compute-dtype values); `target` is "cuda" or "interpreter" (the interpreter lacks
         libdevice, so a few special functions have a portable spelling there).
@@ -112,10 +115,7 @@ def _sub_expr(a, attrs, target):
 
 
 def _smelu_eager(args, attrs):
-    x, beta = args
-    beta = beta.to(x.dtype)
-    quad = (x + beta) ** 2 / (4 * beta)
-    return torch.where(x >= beta, x, torch.where(x <= -beta, torch.zeros_like(x), quad))
+    return smelu(*args)
 
 
 def _smelu_expr(a, attrs, target):
@@ -129,9 +129,7 @@ def _cast_eager(args, attrs):
 
 
 def _dyt_eager(args, attrs):
-    x, alpha, w, b = args
-    y = torch.tanh(alpha * x) * w
-    return y + b if b is not None else y
+    return dyt(*args)
 
 
 def _dyt_expr(a, attrs, target):
@@ -145,14 +143,19 @@ def _layer_norm_eager(args, attrs):
     return aten.layer_norm.default(x, list(x.shape[x.dim() - attrs["reduce_ndim"]:]), w, b, attrs["eps"])
 
 
-def _layer_norm_expr(a, attrs, target):
-    x, w, b = a
-    y = f"({x} - mean) * rstd"
+def _affine_expr(y: str, w: str | None, b: str | None) -> str:
+    """`(y * w + b)`, leaving out an absent weight or bias: the optional affine step that
+    LayerNorm and BatchNorm share."""
     if w is not None:
         y = f"{y} * {w}"
     if b is not None:
         y = f"{y} + {b}"
     return f"({y})"
+
+
+def _layer_norm_expr(a, attrs, target):
+    x, w, b = a
+    return _affine_expr(f"({x} - mean) * rstd", w, b)
 
 
 def _rms_norm_eager(args, attrs):
@@ -172,12 +175,7 @@ def _batch_norm_eager(args, attrs):
 
 def _batch_norm_expr(a, attrs, target):
     x, w, b, mean, var = a
-    y = f"({x} - {mean}) * (1.0 / tl.sqrt({var} + {_lit(attrs['eps'])}))"
-    if w is not None:
-        y = f"{y} * {w}"
-    if b is not None:
-        y = f"{y} + {b}"
-    return f"({y})"
+    return _affine_expr(f"({x} - {mean}) * (1.0 / tl.sqrt({var} + {_lit(attrs['eps'])}))", w, b)
 
 
 def _unary(eager_op, expr):

@@ -12,12 +12,13 @@ A region is grown around one row-wise norm:
   * an epilogue, forwards from the norm's output: elementwise readers whose other operands are
     computed independently of the region (activation, SmeLU, multiply, residual add, cast, ...).
     A region node read outside the region is an output; at most `MAX_OUTPUTS` outputs (the
-    latest epilogue nodes are dropped until that holds).
+    latest epilogue nodes are dropped until that holds and the fused call has a place before
+    every outside reader).
 
 "Elementwise" is whatever `describe` can turn into an IR op of `ir.OPS` whose result has exactly
 the domain shape (the norm input's shape) and a floating dtype; other operands must broadcast to
-it. Region finding never changes the graph; `codegen.lower_to_triton` does, using the spec built
-here (`Region.spec`).
+it. Region finding never changes the graph; `codegen.lower_regions` (the pass LOWER_TRITON) does,
+using the spec built here (`Region.spec`).
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ from ..rewrite import ops
 from ..rewrite.shapes import tensor_dtype, tensor_shape
 from ..rewrite.nn import DyT, SmeLU
 
-from .ir import OPS, SpecBuilder, region_name
+from .ir import SpecBuilder, dtype_name, region_name
 
 aten = torch.ops.aten
 
@@ -164,7 +165,7 @@ def describe(gm: fx.GraphModule, node: fx.Node) -> Described:
         dt = node.kwargs.get("dtype")
         if extra or dt not in FLOATS:
             raise NotFusable(f"_to_copy with {extra or dt}: only a float dtype change is fused")
-        return Described("cast", [Operand(node=ops_arg(node, "self"))], {"dtype": str(dt).replace("torch.", "")})
+        return Described("cast", [Operand(node=ops_arg(node, "self"))], {"dtype": dtype_name(dt)})
     if t is aten.to.dtype:  # what torch.export records for x.to(dtype) (LLaMA's RMSNorm casts)
         dt = node.args[1] if len(node.args) > 1 else node.kwargs.get("dtype")
         if dt not in FLOATS or any(node.kwargs.get(k) not in (None, False) for k in ("copy", "memory_format")):
@@ -180,7 +181,7 @@ _METHOD_CASTS = {"float": torch.float32, "double": torch.float64, "half": torch.
 def _cast(x, dt) -> Described:
     if not isinstance(x, fx.Node):
         raise NotFusable("cast of a non-tensor")
-    return Described("cast", [Operand(node=x)], {"dtype": str(dt).replace("torch.", "")})
+    return Described("cast", [Operand(node=x)], {"dtype": dtype_name(dt)})
 
 
 def _describe_method_cast(node: fx.Node) -> Described:
@@ -271,43 +272,6 @@ def positions(graph: fx.Graph) -> dict[fx.Node, float]:
     return {n: float(i) for i, n in enumerate(graph.nodes)}
 
 
-class _Grower:
-    def __init__(self, gm: fx.GraphModule, claimed: set, order: dict | None):
-        self.gm = gm
-        self.claimed = claimed
-        self.order = positions(gm.graph) if order is None else order
-
-    def fits(self, node: fx.Node, domain) -> Described | None:
-        """The description of `node` if it can join a region of shape `domain`."""
-        if node in self.claimed or not isinstance(node, fx.Node):
-            return None
-        try:
-            d = describe(self.gm, node)
-        except NotFusable:
-            return None
-        if shape_of(node) != domain or dtype_of(node) not in FLOATS:
-            return None
-        for o in d.operands:
-            if o.node is not None:
-                s = shape_of(o.node)
-                if s is None or dtype_of(o.node) not in FLOATS or not _broadcasts(s, domain):
-                    return None
-        return d
-
-    def depends_on(self, node: fx.Node, region: set, first: int) -> bool:
-        """Whether `node` is computed from a region node (then it cannot be an outside operand)."""
-        stack, seen = [node], set()
-        while stack:
-            n = stack.pop()
-            if n in region:
-                return True
-            if n in seen or self.order[n] < first:
-                continue
-            seen.add(n)
-            stack += list(n.all_input_nodes)
-        return False
-
-
 def is_meta_check(node: fx.Node) -> bool:
     """torch.export's `_assert_tensor_metadata(x, dtype=...)`: a check, not a reader of x's value
     (a region keeps every value's dtype, so the check is dropped with the node it checks)."""
@@ -325,10 +289,9 @@ def _broadcasts(shape, domain) -> bool:
     return all(s in (1, d) for s, d in zip(reversed(shape), reversed(domain)))
 
 
-def grow(gm: fx.GraphModule, norm: fx.Node, nd: Described, claimed: set, order: dict | None = None) -> Region:
-    """The region around `norm` (raises NotFusable with the reason). `order`: `positions` of
-    the graph's nodes, when the caller keeps them (growing many regions, it should)."""
-    g = _Grower(gm, claimed, order)
+def _norm_domain(norm: fx.Node, nd: Described):
+    """The shape a region around `norm` computes over (its input's), or NotFusable: the kernels
+    need known shapes and float dtypes on the norm, its input and its tensor operands."""
     x = nd.operands[0].node
     domain = shape_of(x)
     if domain is None or shape_of(norm) != domain:
@@ -340,64 +303,133 @@ def grow(gm: fx.GraphModule, norm: fx.Node, nd: Described, claimed: set, order: 
     for o in nd.operands[1:]:
         if o.node is not None and (shape_of(o.node) is None or dtype_of(o.node) not in FLOATS):
             raise NotFusable(f"norm operand {o.node.name} has unknown shape or a non-float dtype")
-    described: dict[fx.Node, Described] = {norm: nd}
-    region = {norm}
-    # prologue, backwards
-    prologue: list[fx.Node] = []
-    stack = [x]
-    while stack and len(prologue) < MAX_PROLOGUE:
-        p = stack.pop()
-        if p in region:
-            continue
-        d = g.fits(p, domain)
-        if d is None:
-            continue
-        if p is not x and any(u not in region for u in readers(p)):
-            continue
-        region.add(p)
-        described[p] = d
-        prologue.append(p)
-        stack += [o.node for o in d.operands if o.node is not None]
-    first = min(g.order[n] for n in region)
-    # epilogue, forwards
-    epilogue: list[fx.Node] = []
-    frontier = sorted(readers(norm), key=g.order.get)
-    while frontier and len(epilogue) < MAX_EPILOGUE:
-        c = frontier.pop(0)
-        if c in region:
-            continue
-        d = g.fits(c, domain)
-        if d is None:
-            continue
-        if any(o.node is not None and o.node not in region and g.depends_on(o.node, region, first)
-               for o in d.operands):
-            continue
-        region.add(c)
-        described[c] = d
-        epilogue.append(c)
-        frontier = sorted(set(frontier) | set(readers(c)), key=g.order.get)
+    return domain
 
-    def outputs_of(nodes):
-        return [n for n in sorted(nodes, key=g.order.get) if any(u not in nodes for u in readers(n))]
 
-    def valid(nodes) -> bool:
-        outs = outputs_of(nodes)
+class _Grower:
+    """One region being grown around a norm: `members` is its node set, `described` the IR op
+    of each member. Growing reads the graph and never changes it."""
+
+    def __init__(self, gm: fx.GraphModule, claimed: set, order: dict | None, norm: fx.Node, nd: Described):
+        self.gm = gm
+        self.claimed = claimed
+        self.order = positions(gm.graph) if order is None else order
+        self.domain = _norm_domain(norm, nd)
+        self.members: set[fx.Node] = {norm}
+        self.described: dict[fx.Node, Described] = {norm: nd}
+
+    def fits(self, node: fx.Node) -> Described | None:
+        """The description of `node` if it can join a region of the norm's domain shape."""
+        if node in self.claimed or not isinstance(node, fx.Node):
+            return None
+        try:
+            d = describe(self.gm, node)
+        except NotFusable:
+            return None
+        if shape_of(node) != self.domain or dtype_of(node) not in FLOATS:
+            return None
+        for o in d.operands:
+            if o.node is not None:
+                s = shape_of(o.node)
+                if s is None or dtype_of(o.node) not in FLOATS or not _broadcasts(s, self.domain):
+                    return None
+        return d
+
+    def _add(self, node: fx.Node, d: Described):
+        self.members.add(node)
+        self.described[node] = d
+
+    def depends_on(self, node: fx.Node, first: float) -> bool:
+        """Whether `node` is computed from a member (then it cannot be an outside operand: the
+        fused call would have to run before its own input). `first`: the earliest member's
+        position; nothing before it can depend on the region."""
+        stack, seen = [node], set()
+        while stack:
+            n = stack.pop()
+            if n in self.members:
+                return True
+            if n in seen or self.order[n] < first:
+                continue
+            seen.add(n)
+            stack += list(n.all_input_nodes)
+        return False
+
+    def grow_prologue(self, x: fx.Node):
+        """Take elementwise producers backwards from the norm's input `x`. Only `x` may have
+        readers outside the region (it becomes an output); an interior producer read elsewhere
+        would have to be computed twice, so it stays out."""
+        taken = 0
+        stack = [x]
+        while stack and taken < MAX_PROLOGUE:
+            p = stack.pop()
+            if p in self.members:
+                continue
+            d = self.fits(p)
+            if d is None:
+                continue
+            if p is not x and any(u not in self.members for u in readers(p)):
+                continue
+            self._add(p, d)
+            taken += 1
+            stack += [o.node for o in d.operands if o.node is not None]
+
+    def grow_epilogue(self, norm: fx.Node) -> list[fx.Node]:
+        """Take elementwise readers forwards from the norm, in graph order, whose other operands
+        do not depend on the region. Returns them in the order taken (the trimming order)."""
+        first = min(self.order[n] for n in self.members)
+        epilogue: list[fx.Node] = []
+        frontier = sorted(readers(norm), key=self.order.get)
+        while frontier and len(epilogue) < MAX_EPILOGUE:
+            c = frontier.pop(0)
+            if c in self.members:
+                continue
+            d = self.fits(c)
+            if d is None:
+                continue
+            if any(o.node is not None and o.node not in self.members and self.depends_on(o.node, first)
+                   for o in d.operands):
+                continue
+            self._add(c, d)
+            epilogue.append(c)
+            frontier = sorted(set(frontier) | set(readers(c)), key=self.order.get)
+        return epilogue
+
+    def outputs(self) -> list[fx.Node]:
+        """Members read outside the region, in graph order."""
+        return [n for n in sorted(self.members, key=self.order.get)
+                if any(u not in self.members for u in readers(n))]
+
+    def placeable(self) -> bool:
+        """Whether the fused call has a place: 1 to MAX_OUTPUTS outputs, and a member after all
+        outside inputs (where the call goes) that comes before every outside reader."""
+        outs = self.outputs()
         if not outs or len(outs) > MAX_OUTPUTS:
             return False
-        ext = [o.node for n in nodes for o in described[n].operands if o.node is not None and o.node not in nodes]
-        last_input = max((g.order[e] for e in ext), default=-1)
-        anchor = min((g.order[n] for n in nodes if g.order[n] > last_input), default=None)
+        ext = [o.node for n in self.members for o in self.described[n].operands
+               if o.node is not None and o.node not in self.members]
+        last_input = max((self.order[e] for e in ext), default=-1)
+        anchor = min((self.order[n] for n in self.members if self.order[n] > last_input), default=None)
         if anchor is None:
             return False
-        return all(g.order[u] >= anchor for o in outs for u in readers(o) if u not in nodes)
+        return all(self.order[u] >= anchor for o in outs for u in readers(o) if u not in self.members)
 
-    while not valid(region) and epilogue:
-        region.discard(epilogue.pop())
-    if not valid(region):
-        raise NotFusable("no placement satisfies the region's inputs and readers")
-    nodes = sorted(region, key=g.order.get)
-    outputs = outputs_of(region)
-    return _build(gm, norm, nodes, outputs, described)
+    def trim(self, epilogue: list[fx.Node]):
+        """Drop the latest epilogue nodes until the region is placeable (NotFusable if never)."""
+        while not self.placeable() and epilogue:
+            self.members.discard(epilogue.pop())
+        if not self.placeable():
+            raise NotFusable("no placement satisfies the region's inputs and readers")
+
+
+def grow(gm: fx.GraphModule, norm: fx.Node, nd: Described, claimed: set, order: dict | None = None) -> Region:
+    """The region around `norm` (raises NotFusable with the reason); nodes in `claimed` stay out.
+    `order`: `positions` of the graph's nodes, when the caller keeps them (growing many regions,
+    it should)."""
+    g = _Grower(gm, claimed, order, norm, nd)
+    g.grow_prologue(nd.operands[0].node)
+    g.trim(g.grow_epilogue(norm))
+    nodes = sorted(g.members, key=g.order.get)
+    return _build(gm, norm, nodes, g.outputs(), g.described)
 
 
 def _build(gm, norm, nodes, outputs, described) -> Region:
@@ -443,20 +475,27 @@ def norms(gm: fx.GraphModule):
             yield node, d
 
 
+def grow_regions(gm: fx.GraphModule, order: dict[fx.Node, float], claimed: set):
+    """(norm node, its Region or the NotFusable saying why it has none) for every norm of `gm`,
+    first norm first.
+
+    The norms are listed up front, but each is described and grown only when the iteration
+    reaches it, so a caller may rewrite the graph between steps (keeping `order` valid, as
+    `codegen.lower_regions` does). Nodes in `claimed` join no region; the caller adds to it."""
+    for node in [n for n, _ in norms(gm)]:
+        try:
+            found = grow(gm, node, describe_norm(gm, node), claimed, order)
+        except NotFusable as e:
+            found = e
+        yield node, found
+
+
 def find_regions(gm: fx.GraphModule) -> list[tuple[fx.Node, Region | NotFusable]]:
     """Regions for every norm of `gm` (non-overlapping, first norm first); the graph is unchanged."""
     claimed: set = set()
-    out = []
-    order = positions(gm.graph)
-    for node, d in list(norms(gm)):
-        if isinstance(d, NotFusable):
-            out.append((node, d))
-            continue
-        try:
-            r = grow(gm, node, d, claimed, order)
-        except NotFusable as e:
-            out.append((node, e))
-            continue
-        claimed |= set(r.nodes)
-        out.append((node, r))
-    return out
+    found_all = []
+    for node, found in grow_regions(gm, positions(gm.graph), claimed):
+        if isinstance(found, Region):
+            claimed |= set(found.nodes)
+        found_all.append((node, found))
+    return found_all

@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 from . import emit
-from .ir import DTYPES, compute_dtype, loads, reduce_ndim, spec_hash
+from .ir import DTYPES, compute_dtype, dtype_name, loads, reduce_ndim, spec_hash
 from .reference import fresh_outputs, run_reference
 
 # ---------------------------------------------------------------- where it runs
@@ -294,7 +294,7 @@ def _plan_launch(spec_text, inputs, config, target):
     copies = tuple((i, spec["inputs"][i]["channel_view"]) for i in copied)
     if M * N == 0:
         return None, None, [], domain, out_dtypes, {}, copies
-    in_dtypes = tuple(dtype_of(t) for t in inputs)
+    in_dtypes = tuple(dtype_name(t.dtype) for t in inputs)
     ct = compute_dtype(spec, in_dtypes)
     mode, block, rows, warps = config or choose_config(M, N, ct, reduce_ndim(spec) > 0)
     launch = emit.Launch(len(lead), _classes(views, N), in_dtypes, mode, target)
@@ -309,10 +309,6 @@ def _plan_launch(spec_text, inputs, config, target):
     return kernel, (triton_cdiv(M, rows),), ints, domain, out_dtypes, consts, copies
 
 
-def dtype_of(t: torch.Tensor) -> str:
-    return str(t.dtype).replace("torch.", "")
-
-
 def triton_cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -320,7 +316,7 @@ def triton_cdiv(a: int, b: int) -> int:
 def run(spec_text: str, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
     """The op's implementation: Triton where it can run, the eager reference elsewhere."""
     spec = loads(spec_text)
-    if backend_for(inputs) == "triton" and all(dtype_of(t) in DTYPES for t in inputs):
+    if backend_for(inputs) == "triton" and all(dtype_name(t.dtype) in DTYPES for t in inputs):
         return run_triton(spec_text, inputs)
     return fresh_outputs(run_reference(spec, inputs), inputs)
 

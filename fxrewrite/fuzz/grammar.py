@@ -64,7 +64,7 @@ def gen_conv(r: random.Random, shape: list, flags: dict):
     spec = {"op": "conv", "cout": cout, "k": k, "stride": stride, "pad": pad, "dil": dil, "groups": groups,
             "bias": r.random() < 0.7, "bn": r.random() < 0.7}
     p = 0 if pad == "valid" else (dil * (k - 1) + 1) // 2 if pad == "same" else pad
-    if r.random() < 0.25 and max(p, dil * (k - 1)) < min(spatial):
+    if r.random() < 0.35 and max(p, dil * (k - 1)) < min(spatial):
         spec["mode"] = r.choice(["reflect", "replicate", "circular"])
     if r.random() < 0.2:
         spec["scale"] = r.choice(["layerscale", "affine"])
@@ -106,14 +106,14 @@ def gen_chain(r: random.Random, shape: list, flags: dict):
 
 def gen_residual(r: random.Random, shape: list, flags: dict):
     spec = {"op": "residual", "k": r.choice([1, 3]), "bn": r.random() < 0.7,
-            "add": r.choice(["plus", "plus", "iadd", "add_", "x_add_"])}
+            "add": r.choice(["plus", "iadd", "add_", "x_add_"])}
     return spec, list(shape)
 
 
 def gen_cat(r: random.Random, shape: list, flags: dict):
     if shape[1] > 8:
         return None
-    spec = {"op": "cat", "c1": _channels(r), "c2": _channels(r), "with_input": r.random() < 0.4}
+    spec = {"op": "cat", "c1": _channels(r), "c2": _channels(r), "with_input": r.random() < 0.5}
     extra = shape[1] if spec["with_input"] else spec["c2"]
     return spec, [shape[0], spec["c1"] + extra] + shape[2:]
 
@@ -149,7 +149,7 @@ def gen_flatten_fc(r: random.Random, shape: list, flags: dict):
 
 
 def gen_view(r: random.Random, shape: list, flags: dict):
-    how = r.choice(["reshape", "flatten"] if flags.get("channels_last") else ["view", "view", "reshape", "flatten"])
+    how = r.choice(["reshape", "flatten"] if flags.get("channels_last") else ["view", "reshape", "flatten"])
     return {"op": "view", "how": how}, list(shape)
 
 
@@ -208,7 +208,7 @@ def _propose_branch(r: random.Random, kind: str, stride: int, cin: int, cout: in
         return {"kind": kind}
     if kind == "avgpool":
         k, pad = (3, 1) if aligned else r.choice([(2, 0), (3, 0), (3, 1)])
-        return {"kind": "avgpool", "k": k, "stride": stride, "pad": pad, "cip": r.random() < 0.7,
+        return {"kind": "avgpool", "k": k, "stride": stride, "pad": pad, "cip": r.random() < 0.5,
                 "bn": r.random() < 0.7}
     b = {"kind": "seq" if kind == "1x1_kxk" else "conv", **_branch_geometry(r, kind, stride, aligned),
          "bias": r.random() < 0.3, "bn": r.random() < 0.8}
@@ -228,16 +228,17 @@ def gen_branches(r: random.Random, shape: list, flags: dict):
     if len(shape) != 4:
         return None
     cin, hw = shape[1], shape[2:]
-    same = r.random() < 0.6
+    same = r.random() < 0.75
     cout = cin if same else _channels(r)
     stride = 2 if min(hw) >= 6 and r.random() < 0.25 else 1
-    kinds = ["kxk", "1x1", "1xk", "kx1", "1x1_kxk", "grouped"] + (["identity", "bn", "avgpool", "dw"] if same else [])
+    kinds = ["kxk", "1x1", "1x1_kxk"] + ["1xk", "kx1", "grouped"] * 2 + (
+        ["identity", "bn", "dw"] * 3 + ["avgpool"] * 2 if same else [])
     main = _propose_branch(r, "kxk", stride, cin, cout, r.random() < 0.85)
     target = _branch_size(main, hw)
     if min(target) < 1:
         return None
     branches = [main]
-    for _ in range(r.randint(1, 4)):
+    for _ in range(r.randint(2, 4)):
         kind = r.choice(kinds)
         for _attempt in range(6):
             b = _propose_branch(r, kind, stride, cin, cout, r.random() < 0.8)
@@ -282,16 +283,18 @@ def gen_lin_affine(r: random.Random, shape: list, flags: dict):
 
 
 # op tables per domain: (generator, weight)
-IMAGE_OPS = [(gen_conv, 6), (gen_convT, 2), (gen_branches, 5), (gen_chain, 2), (gen_residual, 2), (gen_cat, 1),
-             (gen_shared, 1), (gen_tied, 1), (gen_readtwice, 1), (gen_mutate, 2), (gen_flatten_fc, 1),
-             (gen_view, 1), (gen_to_vec, 1), (gen_to_seq, 0.5), (gen_bn_only, 1), (gen_affine, 1), (gen_act, 1),
+# (weights chosen so that 10,000 cases draw every construct 200+ times and apply every rewrite
+# kind 500+ times: RELIABILITY.md)
+IMAGE_OPS = [(gen_conv, 6), (gen_convT, 3.5), (gen_branches, 12), (gen_chain, 2), (gen_residual, 2), (gen_cat, 2),
+             (gen_shared, 1), (gen_tied, 1), (gen_readtwice, 1), (gen_mutate, 3.5), (gen_flatten_fc, 3.5),
+             (gen_view, 2), (gen_to_vec, 1), (gen_to_seq, 1.5), (gen_bn_only, 1), (gen_affine, 3), (gen_act, 1),
              (gen_control, 0.5)]
-LINEAR_OPS = [(gen_linear, 5), (gen_linchain, 2), (gen_lora, 2), (gen_layernorm, 1), (gen_lin_residual, 1),
-              (gen_lin_affine, 1), (gen_act, 1), (gen_control, 0.5)]
+LINEAR_OPS = [(gen_linear, 5), (gen_linchain, 2), (gen_lora, 2), (gen_layernorm, 1.5), (gen_lin_residual, 1),
+              (gen_lin_affine, 2), (gen_act, 1), (gen_control, 0.5)]
 
 
 def _input(r: random.Random) -> tuple[str, list]:
-    domain = r.choices(["2d", "1d", "3d", "vec", "seq"], weights=[55, 12, 8, 12, 13])[0]
+    domain = r.choices(["2d", "1d", "3d", "vec", "seq"], weights=[55, 12, 12, 12, 13])[0]
     c = r.randint(2, 6)
     if domain == "2d":
         return "image", [2, c, r.randint(5, 10), r.randint(5, 10)]

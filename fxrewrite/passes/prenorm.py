@@ -37,9 +37,9 @@ import torch.fx as fx
 from ..rewrite import ops
 from ..rewrite.shapes import tensor_shape
 from ..rewrite.passmanager import Pass
+from ..rewrite.verify import deviation
 
-from .swap_common import deviation, fmt_dev, module_path, run_recording
-from .swaps import _op_name
+from .swap_common import fmt_dev, module_path, op_name, run_recording
 
 NAME = "prenorm_rmsnorm"
 
@@ -56,7 +56,7 @@ class _NotApplicable(Exception):
 
 def _where(n: fx.Node) -> str:
     path = module_path(n)
-    return f"{n.name} ({_op_name(n)}{', in ' + path if path else ''})"
+    return f"{n.name} ({op_name(n)}{', in ' + path if path else ''})"
 
 
 def _axis_through_reshape(out_shape, in_shape, axis: int) -> int:
@@ -119,7 +119,7 @@ class _Stream:
             raise _NotApplicable("it is a model input; re-centring it would change what the caller passes")
         if n.op == "get_attr":
             raise _NotApplicable("a parameter read directly")
-        name = _op_name(n)
+        name = op_name(n)
         x = n.args[0] if n.args else None
         if name in _PASS_THROUGH or (name in ("mul", "div") and len(n.args) == 2
                                       and isinstance(n.args[1], (int, float))):
@@ -174,11 +174,11 @@ class _Stream:
 
     def _weights(self, n, w, w_axis, b):
         if not (isinstance(w, fx.Node) and w.op == "get_attr"):
-            raise _NotApplicable(f"{_op_name(n)} writes it with a computed weight")
+            raise _NotApplicable(f"{op_name(n)} writes it with a computed weight")
         self.writers.setdefault(n, {})[w] = ("weight", w_axis)
         if b is not None:
             if not (isinstance(b, fx.Node) and b.op == "get_attr"):
-                raise _NotApplicable(f"{_op_name(n)} writes it with a computed bias")
+                raise _NotApplicable(f"{op_name(n)} writes it with a computed bias")
             self.writers[n][b] = ("bias", -1)
 
 
@@ -193,7 +193,7 @@ def _check_readers(stream: _Stream, lns: dict[fx.Node, int]):
     read only metadata."""
     for s, axis in stream.axis.items():
         for u in s.users:
-            if u in stream.axis or _op_name(u) in _METADATA:
+            if u in stream.axis or op_name(u) in _METADATA:
                 continue
             if u in lns and ops.arg(u, "input") is s and axis == len(tensor_shape(s)) - 1:
                 continue

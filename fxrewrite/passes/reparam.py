@@ -208,97 +208,135 @@ def classify(node: fx.Node, ctx: _Context) -> tuple[Step, list[fx.Node]]:
 def _classify(node: fx.Node, ctx: _Context) -> tuple[Step, list[fx.Node]]:
     if node.op != "call_function":
         raise _NotLinear("not a function call")
-    t, var, out = node.target, ctx.variable, _numel(node)
-    if t is ops.conv:
-        x, w = ops.arg(node, "input"), ops.arg(node, "weight")
-        if not var(x) or var(w) or var(ops.arg(node, "bias")) or ops.arg(node, "transposed"):
-            raise _NotLinear("conv with a computed weight, or transposed")
-        wv = ctx.value(ctx.const(w))
-        if wv.dim() != 4:
-            raise _NotLinear("only 2-D convolutions are merged")
-        groups = ops.arg(node, "groups")
-        step = Step("conv", node.name, consts=dict(weight=ctx.const(w), bias=ctx.const(ops.arg(node, "bias"))),
-                    lits=dict(stride=_pair(ops.arg(node, "stride")), padding=_pair(ops.arg(node, "padding")),
-                              dilation=_pair(ops.arg(node, "dilation")), groups=groups, kernel=tuple(wv.shape[2:])),
-                    domain="conv", macs=out * wv.shape[1] * wv.shape[2] * wv.shape[3])
-        return step, [x]
-    if t is ops.batch_norm:
-        x = ops.arg(node, "input")
-        if ops.arg(node, "training") is not False or not var(x):
-            raise _NotLinear("batch norm in training mode")
-        names = ("weight", "bias", "running_mean", "running_var")
-        if any(var(ops.arg(node, n)) for n in names) or ops.arg(node, "running_mean") is None:
-            raise _NotLinear("batch norm without constant statistics")
-        rank = len(tensor_shape(x) or ())
-        domain = {4: "conv", 2: "linear"}.get(rank)
-        if domain is None:
-            raise _NotLinear(f"batch norm over a rank-{rank} tensor")
-        return Step("bn", node.name, consts={n: ctx.const(ops.arg(node, n)) for n in names},
-                    lits=dict(eps=float(ops.arg(node, "eps"))), domain=domain, macs=out), [x]
-    if t in (ops.add, ops.sub, ops.mul, ops.div):
-        a, b = ops.arg(node, "self"), ops.arg(node, "other")
-        if t in (ops.add, ops.sub):
-            alpha = ops.arg(node, "alpha")
-            if isinstance(alpha, fx.Node):
-                raise _NotLinear("computed alpha")
-            coef_b = alpha if t is ops.add else -alpha
-            terms = [(a, 1), (b, coef_b)]
-            variables = [(v, c) for v, c in terms if var(v)]
-            consts = [(v, c) for v, c in terms if not var(v)]
-            if not variables:
-                raise _NotLinear("constant")
-            step = Step("axpy", node.name, lits=dict(coefs=tuple(c for _, c in variables),
-                                                     const_coefs=tuple(c for _, c in consts)),
-                        consts={f"c{i}": ctx.const(v) for i, (v, _) in enumerate(consts)}, macs=out)
-            return step, [v for v, _ in variables]
-        if t is ops.mul and var(a) != var(b):
-            x, c = (a, b) if var(a) else (b, a)
-            return Step("axpy", node.name, lits=dict(coefs=("scale",), const_coefs=()),
-                        consts=dict(scale=ctx.const(c)), macs=out), [x]
-        if t is ops.div and var(a) and not var(b):
-            return Step("axpy", node.name, lits=dict(coefs=("inv_scale",), const_coefs=()),
-                        consts=dict(scale=ctx.const(b)), macs=out), [a]
-        raise _NotLinear("product or quotient of two variables")
-    if t is ops.avg_pool2d:
-        x = ops.arg(node, "self")
-        k = _pair(ops.arg(node, "kernel_size"))
-        s = ops.arg(node, "stride")
-        s = _pair(s) if s else k
-        p = _pair(ops.arg(node, "padding"))
-        if not var(x) or (any(p) and not ops.arg(node, "count_include_pad")):
-            raise _NotLinear("avg_pool2d without count_include_pad averages fewer pixels at the border")
-        if ops.arg(node, "ceil_mode"):
-            raise _NotLinear("avg_pool2d with ceil_mode")
-        return Step("pool", node.name, lits=dict(kernel=k, stride=s, padding=p,
-                                                 divisor=ops.arg(node, "divisor_override")),
-                    domain="conv", macs=out * k[0] * k[1]), [x]
-    if t is ops.pad:
-        x, pad = ops.arg(node, "self"), ops.arg(node, "pad")
-        value = ops.arg(node, "value")
-        if not var(x) or ops.arg(node, "mode") != "constant" or value not in (None, 0, 0.0) or len(pad) != 4:
-            raise _NotLinear("padding that is not zero padding of H and W")
-        if pad[0] != pad[1] or pad[2] != pad[3] or min(pad) < 0:
-            raise NotMergeable(f"asymmetric zero padding {list(pad)} (as padding='same' with an even kernel "
-                               f"inserts) has no equivalent in a convolution's symmetric padding")
-        return Step("pad", node.name, lits=dict(padding=(pad[2], pad[0])), domain="conv", macs=0), [x]
-    if t is aten.alias.default and var(ops.arg(node, "self")):
-        return Step("axpy", node.name, lits=dict(coefs=(1,), const_coefs=()), macs=0), [ops.arg(node, "self")]
-    if t is ops.linear:
-        x, w, b = ops.arg(node, "input"), ops.arg(node, "weight"), ops.arg(node, "bias")
-        if not var(x) or var(w) or var(b):
-            raise _NotLinear("linear with a computed weight")
-        wv = ctx.value(ctx.const(w))
-        return Step("linear", node.name, consts=dict(weight=ctx.const(w), bias=ctx.const(b)), domain="linear",
-                    macs=out * wv.shape[1]), [x]
-    if t in _MATMULS and len(node.args) == 2 and not node.kwargs:
+    classifier = _CLASSIFIERS.get(node.target)
+    if classifier is None:
+        raise _NotLinear(f"{ops.short_name(node.target)} is not linear")
+    return classifier(node, ctx, _numel(node))
+
+
+# One classifier per kind of linear op: (node, context, elements of its output) -> (step, variable
+# operands), or _NotLinear / NotMergeable with the reason.
+
+def _conv_step(node, ctx, out):
+    var = ctx.variable
+    x, w = ops.arg(node, "input"), ops.arg(node, "weight")
+    if not var(x) or var(w) or var(ops.arg(node, "bias")) or ops.arg(node, "transposed"):
+        raise _NotLinear("conv with a computed weight, or transposed")
+    wv = ctx.value(ctx.const(w))
+    if wv.dim() != 4:
+        raise _NotLinear("only 2-D convolutions are merged")
+    step = Step("conv", node.name, consts=dict(weight=ctx.const(w), bias=ctx.const(ops.arg(node, "bias"))),
+                lits=dict(stride=_pair(ops.arg(node, "stride")), padding=_pair(ops.arg(node, "padding")),
+                          dilation=_pair(ops.arg(node, "dilation")), groups=ops.arg(node, "groups"),
+                          kernel=tuple(wv.shape[2:])),
+                domain="conv", macs=out * wv.shape[1] * wv.shape[2] * wv.shape[3])
+    return step, [x]
+
+
+def _batch_norm_step(node, ctx, out):
+    var = ctx.variable
+    x = ops.arg(node, "input")
+    if ops.arg(node, "training") is not False or not var(x):
+        raise _NotLinear("batch norm in training mode")
+    names = ("weight", "bias", "running_mean", "running_var")
+    if any(var(ops.arg(node, n)) for n in names) or ops.arg(node, "running_mean") is None:
+        raise _NotLinear("batch norm without constant statistics")
+    rank = len(tensor_shape(x) or ())
+    domain = {4: "conv", 2: "linear"}.get(rank)
+    if domain is None:
+        raise _NotLinear(f"batch norm over a rank-{rank} tensor")
+    return Step("bn", node.name, consts={n: ctx.const(ops.arg(node, n)) for n in names},
+                lits=dict(eps=float(ops.arg(node, "eps"))), domain=domain, macs=out), [x]
+
+
+def _sum_step(node, ctx, out):
+    """a + alpha b, a - alpha b: a weighted sum of the variable terms plus the constant ones."""
+    a, b = ops.arg(node, "self"), ops.arg(node, "other")
+    alpha = ops.arg(node, "alpha")
+    if isinstance(alpha, fx.Node):
+        raise _NotLinear("computed alpha")
+    terms = [(a, 1), (b, alpha if node.target is ops.add else -alpha)]
+    variables = [(v, c) for v, c in terms if ctx.variable(v)]
+    consts = [(v, c) for v, c in terms if not ctx.variable(v)]
+    if not variables:
+        raise _NotLinear("constant")
+    step = Step("axpy", node.name, lits=dict(coefs=tuple(c for _, c in variables),
+                                             const_coefs=tuple(c for _, c in consts)),
+                consts={f"c{i}": ctx.const(v) for i, (v, _) in enumerate(consts)}, macs=out)
+    return step, [v for v, _ in variables]
+
+
+def _scale_step(node, ctx, out):
+    """x * c, c * x, x / c with a constant c."""
+    var = ctx.variable
+    a, b = ops.arg(node, "self"), ops.arg(node, "other")
+    if node.target is ops.mul and var(a) != var(b):
+        x, c = (a, b) if var(a) else (b, a)
+        return Step("axpy", node.name, lits=dict(coefs=("scale",), const_coefs=()),
+                    consts=dict(scale=ctx.const(c)), macs=out), [x]
+    if node.target is ops.div and var(a) and not var(b):
+        return Step("axpy", node.name, lits=dict(coefs=("inv_scale",), const_coefs=()),
+                    consts=dict(scale=ctx.const(b)), macs=out), [a]
+    raise _NotLinear("product or quotient of two variables")
+
+
+def _avg_pool_step(node, ctx, out):
+    x = ops.arg(node, "self")
+    k = _pair(ops.arg(node, "kernel_size"))
+    s = ops.arg(node, "stride")
+    s = _pair(s) if s else k
+    p = _pair(ops.arg(node, "padding"))
+    if not ctx.variable(x) or (any(p) and not ops.arg(node, "count_include_pad")):
+        raise _NotLinear("avg_pool2d without count_include_pad averages fewer pixels at the border")
+    if ops.arg(node, "ceil_mode"):
+        raise _NotLinear("avg_pool2d with ceil_mode")
+    return Step("pool", node.name, lits=dict(kernel=k, stride=s, padding=p,
+                                             divisor=ops.arg(node, "divisor_override")),
+                domain="conv", macs=out * k[0] * k[1]), [x]
+
+
+def _pad_step(node, ctx, out):
+    x, pad = ops.arg(node, "self"), ops.arg(node, "pad")
+    value = ops.arg(node, "value")
+    if not ctx.variable(x) or ops.arg(node, "mode") != "constant" or value not in (None, 0, 0.0) or len(pad) != 4:
+        raise _NotLinear("padding that is not zero padding of H and W")
+    if pad[0] != pad[1] or pad[2] != pad[3] or min(pad) < 0:
+        raise NotMergeable(f"asymmetric zero padding {list(pad)} (as padding='same' with an even kernel "
+                           f"inserts) has no equivalent in a convolution's symmetric padding")
+    return Step("pad", node.name, lits=dict(padding=(pad[2], pad[0])), domain="conv", macs=0), [x]
+
+
+def _alias_step(node, ctx, out):
+    x = ops.arg(node, "self")
+    if not ctx.variable(x):
+        raise _NotLinear(f"{ops.short_name(node.target)} is not linear")
+    return Step("axpy", node.name, lits=dict(coefs=(1,), const_coefs=()), macs=0), [x]
+
+
+def _linear_step(node, ctx, out):
+    var = ctx.variable
+    x, w, b = ops.arg(node, "input"), ops.arg(node, "weight"), ops.arg(node, "bias")
+    if not var(x) or var(w) or var(b):
+        raise _NotLinear("linear with a computed weight")
+    wv = ctx.value(ctx.const(w))
+    return Step("linear", node.name, consts=dict(weight=ctx.const(w), bias=ctx.const(b)), domain="linear",
+                macs=out * wv.shape[1]), [x]
+
+
+def _matmul_step(node, ctx, out):
+    if len(node.args) == 2 and not node.kwargs:
         x, w = node.args
-        if var(x) and not var(w):
+        if ctx.variable(x) and not ctx.variable(w):
             wv = ctx.value(ctx.const(w))
             if isinstance(wv, torch.Tensor) and wv.dim() == 2:
                 return Step("linear", node.name, consts=dict(weight_t=ctx.const(w)), domain="linear",
                             macs=out * wv.shape[0]), [x]
-        raise _NotLinear("matmul that is not input @ constant matrix")
-    raise _NotLinear(f"{ops.short_name(t)} is not linear")
+    raise _NotLinear("matmul that is not input @ constant matrix")
+
+
+_CLASSIFIERS = {ops.conv: _conv_step, ops.batch_norm: _batch_norm_step, ops.add: _sum_step, ops.sub: _sum_step,
+                ops.mul: _scale_step, ops.div: _scale_step, ops.avg_pool2d: _avg_pool_step, ops.pad: _pad_step,
+                aten.alias.default: _alias_step, ops.linear: _linear_step} | dict.fromkeys(_MATMULS, _matmul_step)
 
 
 # ------------------------------------------------------------------ plans
@@ -538,7 +576,7 @@ def merge_linear_regions(rw) -> int:
     for root in reversed(list(rw.graph.nodes)):
         if root.graph is None or root.op != "call_function" or root not in ctx.view.index:
             continue
-        if not root.users or root.target not in _ROOT_TARGETS:
+        if not root.users or root.target not in _CLASSIFIERS:  # only a linear op can be a root
             continue
         if _try_root(root, ctx, rw):
             count += 1
@@ -547,10 +585,6 @@ def merge_linear_regions(rw) -> int:
             # on the paths that reach it, which the rewrite (below them) did not touch.
             rw.erase_dead(root)
     return count
-
-
-_ROOT_TARGETS = {ops.conv, ops.batch_norm, ops.add, ops.sub, ops.mul, ops.div, ops.avg_pool2d, ops.pad,
-                 ops.linear, aten.alias.default} | _MATMULS
 
 
 # ------------------------------------------------------------------ RepMLP: conv -> flatten -> linear

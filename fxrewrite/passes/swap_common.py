@@ -12,8 +12,8 @@ Measurement. When the graph carries its example inputs (`gm.meta["example_inputs
 capture), the swap runs the graph once before rewriting (an `fx.Interpreter` that keeps the
 input and output of every op to be swapped), then reports for each swap the deviation of the
 replacement from the original op *on that op's own input in the original model*, and after all
-swaps the deviation of the model's outputs. Deviation = max|new - old| (abs) and that divided by
-max|old| (rel), as `rewrite.verify` measures.
+swaps the deviation of the model's outputs: `rewrite.verify.deviation`, max|new - old| (abs) and
+that divided by max|old| (rel), the metric `verify` itself reports.
 """
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
+from ..rewrite import ops
 from ..rewrite.clone import clone_inputs, preserved_state
 
 
@@ -55,6 +56,17 @@ def module_class(node: fx.Node) -> type | None:
     if isinstance(cls, str):  # torch.export records the class's qualified name
         cls = pydoc.locate(cls)
     return cls if isinstance(cls, type) else None
+
+
+def op_name(node: fx.Node) -> str:
+    """The bare name of what `node` computes, to match against sets of op names and for reports:
+    "linear" for `aten.linear.default` or `F.linear`, the method for a `call_method`, else the
+    node's kind ("call_module", "placeholder", ...)."""
+    if node.op == "call_method":
+        return node.target
+    if node.op == "call_function":
+        return ops.short_name(node.target).removeprefix("aten.")
+    return node.op
 
 
 class Selector:
@@ -135,21 +147,8 @@ def run_recording(gm: fx.GraphModule, wanted: dict[fx.Node, object]):
     return pytree.tree_leaves(out), rec.seen
 
 
-def deviation(ref, new) -> tuple[float, float]:
-    """(max abs, max abs / max|ref|) over all floating tensors of two matching structures."""
-    ra = [t for t in pytree.tree_leaves(ref) if isinstance(t, torch.Tensor) and t.is_floating_point()]
-    na = [t for t in pytree.tree_leaves(new) if isinstance(t, torch.Tensor) and t.is_floating_point()]
-    if len(ra) != len(na):
-        raise ValueError("outputs differ in structure")
-    max_abs, scale = 0.0, 0.0
-    for r, n in zip(ra, na):
-        if r.numel():
-            max_abs = max(max_abs, float((r.double() - n.double()).abs().max()))
-            scale = max(scale, float(r.double().abs().max()))
-    return max_abs, (max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else float("inf")))
-
-
 def fmt_dev(d: tuple[float, float]) -> str:
+    """A `rewrite.verify.deviation` for a report line."""
     return f"max abs {d[0]:.3g}, max rel {d[1]:.3g}"
 
 

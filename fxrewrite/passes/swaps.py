@@ -39,17 +39,19 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..rewrite import ops
+from ..rewrite.effects import observers
 from ..rewrite.nn import DyT, GeneralizedSmeLU, SmeLU
 from ..rewrite.passmanager import Pass
 from ..rewrite.shapes import tensor_dtype
+from ..rewrite.verify import deviation
 
-from .swap_common import Selector, deviation, fmt_dev, module_path, nodes_with, run_recording
+from .swap_common import Selector, fmt_dev, module_path, nodes_with, op_name, run_recording
 
 # ---------------------------------------------------------------- the driver
 
 
 @dataclass
-class Plan:
+class SwapPlan:
     """One swap, decided before the graph changes."""
 
     module: nn.Module
@@ -78,7 +80,7 @@ def swap_pass(name: str, targets, input_arg: str, plan: Callable, suffix: str, o
         if not nodes:
             rw.note("model", f"nothing to swap: the graph has no {kinds}")
             return
-        plans: dict[fx.Node, Plan] = {}
+        plans: dict[fx.Node, SwapPlan] = {}
         for n in nodes:
             if not select(n):
                 rw.skip(n.name, f"not selected by only={select} (op from {module_path(n) or 'no module'})")
@@ -150,8 +152,6 @@ def _constant(rw, node: fx.Node, arg: str):
 # ---------------------------------------------------------------- ReLU -> SmeLU
 
 _INPLACE_RELU_FUNCTIONS = {torch.relu_, torch.ops.aten.relu_.default, F.relu}
-_ALIASING = {"alias", "view", "reshape", "_unsafe_view", "flatten", "transpose", "permute", "expand", "contiguous",
-             "to", "type_as", "getitem", "detach", "unsqueeze", "squeeze", "slice", "select", "call_module"}
 
 
 def _inplace_relu(n: fx.Node) -> bool:
@@ -165,20 +165,23 @@ def _inplace_relu(n: fx.Node) -> bool:
     return n.op == "call_function" and n.target in _INPLACE_RELU_FUNCTIONS
 
 
-def _mutation_observed(n: fx.Node) -> str | None:
-    """Why replacing an in-place ReLU `n` by an out-of-place module would change what someone
-    sees, or None: the value it mutates, and every value that may alias it, must be read by
-    nothing else and must not be a model input or parameter."""
-    v = n.args[0] if n.args else n.kwargs.get("input")
-    while isinstance(v, fx.Node):
-        if len(v.users) != 1:
-            return f"it works in place on {v.name}, which is also read by {len(v.users) - 1} other op(s)"
-        if v.op in ("placeholder", "get_attr"):
-            return f"it works in place on {v.op} {v.target} (a model input or parameter)"
-        if _op_name(v) not in _ALIASING:
-            return None  # a fresh value, read only on the way to this ReLU
-        v = v.args[0] if v.args else None
+def _observed_inplace(n: fx.Node) -> str | None:
+    """Why `n`, when it is a ReLU kept in place, may not become an out-of-place module (that
+    would change what someone sees), or None: nothing else may read the value it mutates or a
+    value that may alias it (`effects.observers`), and none of those may be a model input or
+    parameter."""
+    v = _input(n, "self") if _inplace_relu(n) else None
+    if not isinstance(v, fx.Node):
+        return None
+    exposed, readers = observers(n, v)
+    why = "an in-place ReLU whose mutation is observed: it works in place on"
+    if readers:
+        return (f"{why} {v.name}, which {len(readers)} other op(s) also read (directly or through a view): "
+                f"{', '.join(r.name for r in readers[:3])}{', ...' if len(readers) > 3 else ''}")
+    if exposed:
+        return f"{why} {exposed[0].op} {exposed[0].target} (a model input or parameter)"
     return None
+
 
 def relu_to_smelu(beta: float = 1.0, learnable: bool = False, only=None) -> Pass:
     """ReLU -> SmeLU(beta) (see the module docstring); `only` limits it (type, name, regex)."""
@@ -186,9 +189,10 @@ def relu_to_smelu(beta: float = 1.0, learnable: bool = False, only=None) -> Pass
         raise ValueError(f"SmeLU needs beta > 0, got {beta}")
 
     def plan(rw, n):
-        if _inplace_relu(n) and (why := _mutation_observed(n)):
-            return f"an in-place ReLU whose mutation is observed: {why}"
-        return Plan(SmeLU(beta, learnable), f"SmeLU beta={beta:g}: differs by at most {beta / 4:g} on |x| < {beta:g}")
+        if why := _observed_inplace(n):
+            return why
+        return SwapPlan(SmeLU(beta, learnable),
+                        f"SmeLU beta={beta:g}: differs by at most {beta / 4:g} on |x| < {beta:g}")
 
     return swap_pass("relu_to_smelu", [ops.relu], "self", plan, "smelu", only, __doc__, _inplace_relu)
 
@@ -199,10 +203,10 @@ def relu_to_generalized_smelu(alpha: float = 1.0, beta: float = 1.0, g_left: flo
     GeneralizedSmeLU(alpha, beta, g_left, g_right)  # validate now, not at the first match
 
     def plan(rw, n):
-        if _inplace_relu(n) and (why := _mutation_observed(n)):
-            return f"an in-place ReLU whose mutation is observed: {why}"
-        return Plan(GeneralizedSmeLU(alpha, beta, g_left, g_right, learnable),
-                    f"GeneralizedSmeLU alpha={alpha:g} beta={beta:g} g_left={g_left:g} g_right={g_right:g}")
+        if why := _observed_inplace(n):
+            return why
+        return SwapPlan(GeneralizedSmeLU(alpha, beta, g_left, g_right, learnable),
+                        f"GeneralizedSmeLU alpha={alpha:g} beta={beta:g} g_left={g_left:g} g_right={g_right:g}")
 
     return swap_pass("relu_to_generalized_smelu", [ops.relu], "self", plan, "gsmelu", only, __doc__,
                      _inplace_relu)
@@ -248,8 +252,8 @@ def layernorm_to_rmsnorm(only=None, keep_bias: bool = False) -> Pass:
             dropped.append(f"the bias (max |b| {float(b.abs().max()):.3g})")
         notes = "" if w is not None else "; the LayerNorm had no weight: RMSNorm without one"
         kept = "; bias kept as an add" if b is not None and keep_bias else ""
-        return Plan(mod, f"RMSNorm over {shape}; dropped: {' and '.join(dropped)}{kept}{notes}",
-                    bias=ops.arg(n, "bias") if b is not None and keep_bias else None)
+        return SwapPlan(mod, f"RMSNorm over {shape}; dropped: {' and '.join(dropped)}{kept}{notes}",
+                        bias=ops.arg(n, "bias") if b is not None and keep_bias else None)
 
     return swap_pass("layernorm_to_rmsnorm", [ops.layer_norm], "input", plan, "rms", only, __doc__)
 
@@ -279,15 +283,6 @@ _SCORES = {"matmul", "bmm", "baddbmm", "einsum"}
 _PROJECTION = {"linear", "addmm", "mm", "convolution"}
 
 
-def _op_name(n: fx.Node) -> str:
-    if n.op == "call_method":
-        return n.target
-    if n.op == "call_function":
-        t = n.target
-        return t.overloadpacket.__name__ if isinstance(t, torch._ops.OpOverload) else getattr(t, "__name__", str(t))
-    return n.op
-
-
 def feeds_attention(norm: fx.Node, max_depth: int = 24) -> bool:
     """Whether the norm's output reaches attention scores through one projection and only
     reshaping/rotary-style ops (q = proj(norm(x)) -> ... -> softmax/sdpa/q @ k^T)."""
@@ -298,7 +293,7 @@ def feeds_attention(norm: fx.Node, max_depth: int = 24) -> bool:
             if u in seen or depth >= max_depth:
                 continue
             seen.add(u)
-            name = _op_name(u)
+            name = op_name(u)
             if name in _ATTENTION or (name in _SCORES and projections == 1):
                 return True
             if name in _PROJECTION and projections == 0:
@@ -348,7 +343,7 @@ def norm_to_dyt(alpha: float | str = 0.5, attention_alpha: float | None = None, 
         kind = "LayerNorm" if n.target is ops.layer_norm else "RMSNorm"
         ref = _ln_reference(n, w, b) if n.target is ops.layer_norm else _rms_reference(n, w)
         affine = "" if w is not None or b is not None else f"; the {kind} had no affine parameters: weight 1, bias 0"
-        return Plan(mod, f"DyT from {kind}, alpha0={a0:g} ({why}){affine}", reference=ref)
+        return SwapPlan(mod, f"DyT from {kind}, alpha0={a0:g} ({why}){affine}", reference=ref)
 
     return swap_pass("norm_to_dyt", targets, "input", plan, "dyt", only, __doc__)
 

@@ -163,6 +163,8 @@ def _gelu_module(ctx, node, mod):
 
 def _identity_module(ctx, node, mod):
     if isinstance(mod, nn.modules.dropout._DropoutNd) and mod.training and mod.p > 0:
+        ctx.report.skip("canonicalize", node.name, f"{type(mod).__name__}(p={mod.p:g}) in training mode: kept (it "
+                        f"drops values on every call); call model.eval() first to remove it")
         return None
     return ctx.call(aten.alias.default, self=node.args[0])
 

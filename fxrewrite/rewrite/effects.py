@@ -9,8 +9,8 @@ A rewrite computes its replacement at one place (the matched root, or the first 
 region's inputs), so every read of the match moves there. This module answers whether that
 moves a read across a mutation of what it reads (`moved_read`), and is the one place that
 knows which nodes mutate (`mutated_args`), which may have effects a dead-code pass must keep
-(`may_have_effects`), which values may alias (`AliasMap`) and which modules carry hooks
-(`hooks_of`).
+(`may_have_effects`), which values may alias (`AliasMap`), who could see an in-place write
+(`observers`) and which modules carry hooks (`hooks_of`).
 """
 from __future__ import annotations
 
@@ -150,6 +150,27 @@ class AliasMap:
         ra, rb = self.root(a), self.root(b)
         if ra is not rb:
             self.parent[ra] = rb
+
+
+def observers(writer: fx.Node, value: fx.Node, aliases: AliasMap | None = None) -> tuple[list, list]:
+    """Who besides `writer` could see it write `value` in place: (the model inputs and parameters
+    (placeholder / get_attr) that may share memory with `value`, the nodes that read a value that
+    may share memory with it). Not counted: `writer` itself, what is computed from it (it reads
+    the written value by design), and the ops that only make another alias of `value`. Both
+    empty: the write is private, and `writer` may as well compute a fresh value instead."""
+    aliases = aliases if aliases is not None else AliasMap(writer.graph)
+    after, todo = {writer}, [writer]
+    while todo:  # the writer and everything computed from it
+        for u in todo.pop().users:
+            if u not in after:
+                after.add(u)
+                todo.append(u)
+    base = aliases.root(value)
+    shared = [n for n in writer.graph.nodes if n not in after and aliases.root(n) is base]
+    members = set(shared)
+    exposed = [n for n in shared if n.op in ("placeholder", "get_attr")]
+    readers = list(dict.fromkeys(u for n in shared for u in n.users if u is not writer and u not in members))
+    return exposed, readers
 
 
 # ---------------------------------------------------------------- reads moved past writes

@@ -13,11 +13,14 @@ x * rsqrt(mean(x^2) + eps) * weight; when the casts are real (a bf16 model compu
 float32) the casts and the weight multiply are kept as they are and only the normalisation
 `xf * r` becomes `rms_norm(xf, weight=None)`, so the rounding steps are unchanged.
 
-Not handled (left decomposed, nothing breaks): Gemma's `(1 + weight)` scale, norms over
-several dims, or a chain whose intermediate values are read elsewhere.
+Partly handled: Gemma's `(1 + weight)` scale is not a weight the norm can take, so only the
+normalisation is lifted and the scale stays as written (exact). Not handled (left decomposed,
+nothing breaks): norms over several dims, or a chain whose intermediate values are read
+elsewhere. Only the `torch.export` spelling (ATen `pow`/`mean`/`rsqrt`) is matched today: the
+same norm traced by `symbolic_trace` or Dynamo keeps `x.pow(2).mean(...)` as written.
 
-Meant to run as part of canonicalisation (`lift_decomposed_norms(gm, report)`), and wrapped
-as the exact pass "lift_norms" so that it can be asked for before the norm swaps.
+Run as the exact pass "lift_norms" (`LIFT_NORMS`), before the norm swaps and the Triton
+lowering (the pipeline adds it before the lowering).
 """
 from __future__ import annotations
 

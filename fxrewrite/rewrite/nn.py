@@ -3,12 +3,27 @@ save and load (`state_dict`), and export. Capture keeps them as leaf modules (on
 node each), so that passes and the Triton lowering can recognise them.
 
 Attribute names are part of the contract with the Triton lowering: `SmeLU.beta`;
-`GeneralizedSmeLU.alpha, beta, g_left, g_right`; `DyT.alpha, weight, bias`.
+`GeneralizedSmeLU.alpha, beta, g_left, g_right`; `DyT.alpha, weight, bias`. The formulas are the
+functions `smelu` and `dyt`, which the modules and the lowering's eager reference
+(`codegen.ir`) both call, so the two cannot drift apart.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
+
+
+def smelu(x: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+    """SmeLU of `x` with threshold `beta` (a tensor, cast to x's dtype): the formula of `SmeLU`."""
+    beta = beta.to(x.dtype)
+    quad = (x + beta) ** 2 / (4 * beta)
+    return torch.where(x >= beta, x, torch.where(x <= -beta, torch.zeros_like(x), quad))
+
+
+def dyt(x: torch.Tensor, alpha: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Dynamic Tanh, weight * tanh(alpha * x) + bias (no bias when None): the formula of `DyT`."""
+    y = torch.tanh(alpha * x) * weight
+    return y + bias if bias is not None else y
 
 
 def _scalar(module: nn.Module, name: str, value: float, learnable: bool):
@@ -34,9 +49,7 @@ class SmeLU(nn.Module):
         _scalar(self, "beta", beta, learnable)
 
     def forward(self, x):
-        beta = self.beta.to(x.dtype)
-        quad = (x + beta) ** 2 / (4 * beta)
-        return torch.where(x >= beta, x, torch.where(x <= -beta, torch.zeros_like(x), quad))
+        return smelu(x, self.beta)
 
     def extra_repr(self):
         return f"beta={float(self.beta.detach()):g}"
@@ -104,8 +117,7 @@ class DyT(nn.Module):
         self.bias = nn.Parameter(torch.zeros(self.normalized_shape)) if bias else None
 
     def forward(self, x):
-        y = torch.tanh(self.alpha * x) * self.weight
-        return y + self.bias if self.bias is not None else y
+        return dyt(x, self.alpha, self.weight, self.bias)
 
     def extra_repr(self):
         return f"{self.normalized_shape}, alpha={float(self.alpha.detach()):.3g}, bias={self.bias is not None}"

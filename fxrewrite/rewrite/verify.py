@@ -112,6 +112,23 @@ def _amax(t: torch.Tensor) -> float:
     return float(t.abs().max()) if t.numel() else 0.0
 
 
+def deviation(ref, cand) -> tuple[float, float]:
+    """(max|cand - ref|, that / max|ref|) in float64: the one deviation this package reports,
+    here per output, by the swaps per layer and per model, by `calibrate` per model. `ref` and
+    `cand` are tensors or matching nestings of them (`flatten_outputs`); over several tensors
+    both maxima are taken over all their floating elements. The relative deviation of an all-zero
+    reference is 0 when the candidate is zero too, else inf."""
+    refs = [t for t in flatten_outputs(ref).values() if t.is_floating_point()]
+    cands = [t for t in flatten_outputs(cand).values() if t.is_floating_point()]
+    if len(refs) != len(cands):
+        raise ValueError("outputs differ in structure")
+    max_abs, scale = 0.0, 0.0
+    for r, c in zip(refs, cands):
+        r64 = r.detach().double()
+        max_abs, scale = max(max_abs, _amax(r64 - c.detach().double())), max(scale, _amax(r64))
+    return max_abs, (max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else float("inf")))
+
+
 def default_rtol(dtype: torch.dtype) -> float:
     """The fixed rtol used where eager's own rounding is not measured."""
     return {torch.float64: 1e-10, torch.float32: 1e-5}.get(dtype, 4 * torch.finfo(dtype).eps)
@@ -161,9 +178,8 @@ def compare(ref_out, cand_out, rtol: float | None = None, atol: float | None = N
             close = same_inf and (not fin.any() or _amax(r64[fin] - c64[fin]) <= allowed)
             result.outputs[k] = OutputDiff(float("nan"), float("nan"), close, tuple(r.shape), text)
             continue
-        max_abs, scale = _amax(r64 - c64), _amax(r64)
-        max_rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else float("inf"))
-        allowed, text = _criterion(r.dtype, scale, rtol, atol, eager)
+        max_abs, max_rel = deviation(r64, c64)
+        allowed, text = _criterion(r.dtype, _amax(r64), rtol, atol, eager)
         result.outputs[k] = OutputDiff(max_abs, max_rel, max_abs <= allowed, tuple(r.shape), text)
     result.dtype = str(next(iter(ref.values())).dtype).replace("torch.", "") if ref else ""
     return result
