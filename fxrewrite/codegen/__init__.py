@@ -20,7 +20,6 @@ import operator
 
 import torch.fx as fx
 
-from ..rewrite.effects import moved_read
 from ..rewrite.passmanager import Pass
 from ..rewrite.rewriter import Rewriter
 
@@ -54,7 +53,7 @@ def lower_regions(rw: Rewriter) -> list[Region]:
         if isinstance(found, NotFusable):
             rw.skip(node.name, f"not lowered: {found}")
             continue
-        moved = moved_read(found.nodes, _anchor(found, order))
+        moved = rw.moved_read(found.nodes, _anchor(found, order))
         if moved:
             rw.skip(node.name, f"not lowered: {moved}")
             continue

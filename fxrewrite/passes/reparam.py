@@ -42,7 +42,6 @@ import torch.fx as fx
 import torch.nn as nn
 
 from ..rewrite import ops
-from ..rewrite.effects import moved_read
 from ..rewrite.graphview import DominatorView
 from ..rewrite.passmanager import Pass
 from ..rewrite.attrs import fetch_attr
@@ -528,7 +527,7 @@ def _try_root(root: fx.Node, ctx: _Context, rw) -> bool:
             reasons.append(f"{plan.describe()} -> {merged.describe()} would cost {new_macs:,} multiply-adds "
                            f"instead of {plan.macs:,}")
             continue
-        moved = moved_read(region, root)
+        moved = rw.moved_read(region, root)
         if moved:
             reasons.append(f"{plan.describe()}: {moved}")
             continue
@@ -631,7 +630,7 @@ def merge_conv_into_fc(rw) -> int:
         shape = tensor_shape(x)
         if len(conv.users) != 1:
             continue
-        moved = moved_read([conv, flat, fc], fc)
+        moved = rw.moved_read([conv, flat, fc], fc)
         if moved:
             rw.skip(fc.name, f"conv -> flatten -> linear: {moved}")
             continue

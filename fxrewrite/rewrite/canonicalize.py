@@ -383,6 +383,7 @@ def _redirect_later_readers(mutated: fx.Node, new: fx.Node, order: dict[fx.Node,
 
 def canonicalize(gm: fx.GraphModule, report: Report) -> fx.GraphModule:
     """Rewrite `gm` in place into canonical ops; records what it could not canonicalise."""
+    gm.meta.pop("in_place_writes", None)  # the Rewriter's list of writes is for the canonical graph
     ctx = _Ctx(gm, report)
     modules = dict(gm.named_modules())
     order = {n: i for i, n in enumerate(gm.graph.nodes)}

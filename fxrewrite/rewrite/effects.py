@@ -14,6 +14,7 @@ knows which nodes mutate (`mutated_args`), which may have effects a dead-code pa
 """
 from __future__ import annotations
 
+import functools
 import operator
 
 import torch
@@ -40,14 +41,18 @@ def _inplace_flag(node: fx.Node) -> bool:
     return False
 
 
+@functools.cache
+def _written_arguments(op) -> tuple:
+    """(position, name, keyword-only) of each argument an ATen overload's schema marks as
+    written (`Tensor(a!)`); cached, since it depends on the op alone."""
+    return tuple((i, a.name, a.kwarg_only) for i, a in enumerate(op._schema.arguments)
+                 if a.alias_info is not None and a.alias_info.is_write)
+
+
 def _schema_writes(node: fx.Node) -> list:
-    """The arguments an ATen overload's schema marks as written (`Tensor(a!)`)."""
-    out = []
-    for i, a in enumerate(node.target._schema.arguments):
-        if a.alias_info is not None and a.alias_info.is_write:
-            v = node.args[i] if not a.kwarg_only and i < len(node.args) else node.kwargs.get(a.name)
-            out.append(v)
-    return out
+    """The argument values an ATen overload call writes."""
+    return [node.args[i] if not kw and i < len(node.args) else node.kwargs.get(name)
+            for i, name, kw in _written_arguments(node.target)]
 
 
 def mutated_args(node: fx.Node, module: nn.Module | None = None) -> list[fx.Node]:
@@ -180,12 +185,14 @@ def mutations(graph: fx.Graph) -> list[fx.Node]:
     return [n for n in graph.nodes if n.op in ("call_function", "call_method", "call_module") and mutated_args(n)]
 
 
-def moved_read(matched, at: fx.Node) -> str | None:
+def moved_read(matched, at: fx.Node, writers: list[fx.Node] | None = None) -> str | None:
     """Why computing the nodes `matched` at `at` (before it) instead of where they are would
     change what they read, or None when it would not: no value read by a matched node from
-    outside the match is written in place (through any alias) between that node and `at`."""
+    outside the match is written in place (through any alias) between that node and `at`.
+    `writers`: the graph's `mutations`, when the caller keeps them (the Rewriter does), since
+    finding them walks the whole graph."""
     graph = at.graph
-    writers = mutations(graph)
+    writers = mutations(graph) if writers is None else writers
     if not writers:
         return None  # the usual canonical graph: nothing to reorder
     members = set(matched)

@@ -29,7 +29,6 @@ import torch.fx as fx
 
 from . import ops
 from .shapes import tensor_dtype, tensor_shape
-from .effects import moved_read
 from .passmanager import Pass
 from .rewriter import Rewriter
 
@@ -106,7 +105,7 @@ def lift_decomposed_norms(rw: Rewriter) -> int:
         else:
             root, weight = norm, None
         replaced = chain + [norm] + ([n for n in (cast, wmul) if n is not None] if root is wmul else [])
-        moved = moved_read(replaced, root)
+        moved = rw.moved_read(replaced, root)
         if moved:
             rw.skip(root.name, f"decomposed RMSNorm left as it is: {moved}")
             continue

@@ -10,7 +10,7 @@ A pass is written one of two ways, and both change the graph only through the `R
   as a skip). `rewrite(rw, **captures)` builds the replacement through the Rewriter and returns
   the node that replaces the root (or None when it already rewired the graph itself). The
   driver visits nodes in order, tries the rules whose root op matches (indexed by op), checks
-  that the replacement moves no read past an in-place write (`effects.moved_read`), repeats
+  that the replacement moves no read past an in-place write (`Rewriter.moved_read`), repeats
   until nothing changes, and reports each near miss with the reason it missed.
 * **an analysis**: `analysis(rw)` finds its own sites (regions by dominators, a residual
   stream, fusable neighbourhoods) and rewrites them through `rw`, recording as it goes.
@@ -30,7 +30,6 @@ import torch.fx as fx
 
 from . import ops
 from .pattern import Match, NoMatch, Op, match
-from .effects import moved_read
 from .report import Report
 from .rewriter import Derivation, Rewriter
 
@@ -98,7 +97,7 @@ def run_pass(gm: fx.GraphModule, p: Pass, report: Report, derivations: list[Deri
             if node.graph is None or node.op != "call_function" or not node.users:
                 continue
             for rule in by_target.get(node.target, ()):
-                m = _try(rule, node, near_misses)
+                m = _try(rule, node, near_misses, rw)
                 if m is None:
                     continue
                 new = rule.rewrite(rw.at(node), **m.captures)
@@ -116,7 +115,7 @@ def run_pass(gm: fx.GraphModule, p: Pass, report: Report, derivations: list[Deri
     return total
 
 
-def _try(rule: Rule, node: fx.Node, near_misses: dict) -> Match | None:
+def _try(rule: Rule, node: fx.Node, near_misses: dict, rw: Rewriter) -> Match | None:
     try:
         m = match(rule.pattern, node)
     except NoMatch as e:
@@ -124,7 +123,7 @@ def _try(rule: Rule, node: fx.Node, near_misses: dict) -> Match | None:
             near_misses.setdefault(node.name, f"{rule.name}: {e.reason}")
         return None
     reason = rule.check(**m.captures) if rule.check is not None else None
-    reason = reason or moved_read(m.nodes, node)  # the replacement is computed at the root
+    reason = reason or rw.moved_read(m.nodes, node)  # the replacement is computed at the root
     if reason:
         near_misses[node.name] = f"{rule.name}: {reason}"
         return None

@@ -25,6 +25,7 @@ def run_pipeline(gm: fx.GraphModule, steps: list[Pass], report: Report) -> list[
         with report.timed(p.name):
             run_pass(gm, p, report, derivations)
     with report.timed("finish"):
+        gm.meta.pop("in_place_writes", None)  # the passes' bookkeeping (`Rewriter.moved_read`)
         _drop_unused_tensors(gm, report, before, derivations)
         gm.graph.lint()
     with report.timed("recompile"):

@@ -20,6 +20,7 @@ import torch.nn as nn
 from . import ops
 from .attrs import fetch_attr
 from .dce import eliminate_dead_code, erase_dead_inputs
+from .effects import moved_read, mutated_args, mutations
 from .report import Report
 from .shapes import infer_tensor_meta
 
@@ -51,6 +52,27 @@ class Rewriter:
         self.pass_name = ""
         self._anchor: fx.Node | None = None
 
+    # ---- legality
+    def moved_read(self, matched, at: fx.Node) -> str | None:
+        """`effects.moved_read` with the graph's in-place writes found once per graph (kept in
+        `gm.meta["in_place_writes"]`): after canonicalisation every change to the graph goes
+        through a Rewriter, which keeps that list up to date, instead of walking the graph for
+        each candidate rewrite of each pass."""
+        return moved_read(matched, at, self._writers())
+
+    def _writers(self) -> list[fx.Node]:
+        writers = self.gm.meta.get("in_place_writes")
+        if writers is None:
+            writers = self.gm.meta["in_place_writes"] = mutations(self.graph)
+        return writers
+
+    def _track(self, node: fx.Node) -> fx.Node:
+        """Note a node this Rewriter added or changed, if it writes in place."""
+        writers = self.gm.meta.get("in_place_writes")
+        if writers is not None and node not in writers and mutated_args(node):
+            writers.append(node)
+        return node
+
     # ---- reading
     def value(self, node):
         """The tensor behind a `get_attr` node (None stays None; literals pass through)."""
@@ -76,7 +98,7 @@ class Rewriter:
         with self.graph.inserting_before(self._anchor):
             node = self.graph.call_function(fn, args, kwargs or {})
         infer_tensor_meta(node)
-        return node
+        return self._track(node)
 
     def call_module(self, hint: str, module: nn.Module, args: tuple) -> fx.Node:
         """Register `module` under a fresh dotted name made from `hint` (`blocks.0.norm1_dyt`)
@@ -88,7 +110,7 @@ class Rewriter:
             target = f"{base}_{i}"
         self.gm.add_submodule(target, module)
         with self.graph.inserting_before(self._anchor):
-            node = self.graph.call_module(target, args)
+            node = self._track(self.graph.call_module(target, args))
         for key in ("nn_module_stack", "stack_trace", "val", "tensor_meta"):
             if key in self._anchor.meta:
                 node.meta[key] = self._anchor.meta[key]
@@ -99,7 +121,7 @@ class Rewriter:
         """`args[0].name(*args[1:])`."""
         with self.graph.inserting_before(self._anchor):
             node = self.graph.call_method(name, args)
-        return node
+        return self._track(node)
 
     def get_attr(self, target: str) -> fx.Node:
         """A read of the module's tensor `target`."""
@@ -109,7 +131,7 @@ class Rewriter:
     def copy(self, node: fx.Node, remap: Callable[[fx.Node], object]) -> fx.Node:
         """A copy of `node` whose inputs are mapped through `remap`."""
         with self.graph.inserting_before(self._anchor):
-            return self.graph.node_copy(node, remap)
+            return self._track(self.graph.node_copy(node, remap))
 
     def param(self, hint: str, fn: Callable, *sources) -> fx.Node:
         """A new constant `fn(*sources)`, where sources are get_attr nodes, None or literals.
@@ -168,18 +190,25 @@ class Rewriter:
     def retarget(self, node: fx.Node, target) -> None:
         """Call `target` in place of `node`'s function, same arguments (an in-place variant)."""
         node.target = target
+        self._track(node)
 
     def erase(self, node: fx.Node) -> None:
         """Remove `node`, which nothing may read any more."""
         self.graph.erase_node(node)
+        self._forget_erased()
 
     def erase_dead(self, node: fx.Node) -> None:
         """Remove `node` if nothing reads it and it has no effect, and so on up its inputs."""
-        erase_dead_inputs(node)
+        erase_dead_inputs(node)  # (a node with effects, a write among them, is never erased)
 
     def sweep(self) -> None:
         """Remove every value nothing reads and that has no effect."""
-        eliminate_dead_code(self.graph)
+        eliminate_dead_code(self.graph)  # (writes have effects: the list of writes stays valid)
+
+    def _forget_erased(self):
+        writers = self.gm.meta.get("in_place_writes")
+        if writers is not None:
+            writers[:] = [w for w in writers if w.graph is not None]
 
     # ---- recording
     def rewrote(self, node: str, detail: str):
