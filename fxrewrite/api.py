@@ -8,6 +8,8 @@ import threading
 import torch.fx as fx
 import torch.nn as nn
 
+from . import codegen
+from . import passes as catalogue
 from .rewrite.capture import capture
 from .rewrite.passmanager import Pass
 from .rewrite.pipeline import run_pipeline
@@ -87,9 +89,6 @@ def build_pipeline(passes=None, lower: str | None = None, inplace: bool = True,
     """The passes `optimize` and the compile backend run, in order: the selected ones (the exact
     default when None), then the Triton lowering (after lifting written-out RMSNorms), the
     in-place finishing step and the layout change, each when asked for."""
-    from . import codegen
-    from . import passes as catalogue
-
     if lower not in (None, "triton"):
         raise ValueError(f"unknown lowering {lower!r}; supported: 'triton'")
     if layout not in (None, "channels_last"):

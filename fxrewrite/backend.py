@@ -42,6 +42,7 @@ from typing import Callable
 import torch
 import torch.fx as fx
 
+from .api import build_pipeline
 from .rewrite.freeze import freeze_parameters, why_not_freeze
 from .rewrite.pipeline import run_pipeline
 from .rewrite.report import Report
@@ -66,8 +67,6 @@ def rewrite_backend(gm: fx.GraphModule, example_inputs, **kwargs) -> Callable:
     if unknown:
         raise ValueError(f"rewrite backend: unknown option(s) {unknown}; known: {list(OPTIONS)}")
     compiler = _final_compiler(options.get("compiler", "inductor"), mode)
-
-    from .api import build_pipeline
 
     steps = build_pipeline(options.get("passes"), lower=options.get("lower"), inplace=options.get("inplace", False),
                            layout=options.get("layout"))

@@ -285,3 +285,15 @@ def test_registered_through_entry_point_without_import():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().endswith("ok")
+
+
+def test_the_backend_builds_its_pipeline_as_optimize_does_layout_and_a_single_pass_name():
+    torch.manual_seed(0)
+    model = Net().eval()
+    x = torch.randn(2, 3, 9, 7)
+    with torch.no_grad():
+        out = _compile(model, compiler="eager", layout="channels_last", passes="exact")(x)
+        ref = model(x)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    report = backend.last_report()
+    assert report.count("fold_batchnorm") == 3 and report.count("layout") == 1, report.table()

@@ -1,4 +1,4 @@
-"""Generated Triton kernels for fused norm + elementwise regions (issue 5), checked against eager.
+"""Generated Triton kernels for fused norm + elementwise regions, checked against eager.
 
 The kernels run in Triton's interpreter on CPU: run with TRITON_INTERPRET=1 set before Python
 starts (triton reads it at import). Without it, on a CPU-only machine, the kernel tests are
