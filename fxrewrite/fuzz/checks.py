@@ -7,9 +7,12 @@ Tolerance rule (float32, bfloat16): a candidate output passes when
 where ref64 is the user's model run in float64 on upcast inputs and eager is the user's model
 run in its own dtype. K = 8: an exact rewrite rounds differently from eager (folded weights are
 rounded once, merged kernels sum in another order) but not by an order of magnitude more;
-C = 4 ulps of the output's scale covers outputs that eager happens to compute almost exactly.
-float64 models get a strict rule instead: rewrites are exact, so expect ~1e-12 relative error
-and flag anything past REL64 = 1e-9 of max|ref64|.
+C = 16 ulps of the output's scale covers outputs that eager happens to compute almost exactly
+(seed 4599: a BN folded into a 3x3x3 conv of a chain came out at 3.1e-6, 13 x eager's own
+2.3e-7 but 1.3e-6 of the output's scale, and exact in float64). This rule judges rounding only;
+exactness itself is judged in float64, where it is strict: float64 models must agree within
+REL64 = 1e-9 of max|ref64| (expect ~1e-12), and for float32/bfloat16 models the exact options
+replay the derivations on float64 weights (`verify(float64=True)`, the `verify64` class).
 """
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ import torch.nn as nn
 from fxrewrite.rewrite.verify import flatten_outputs
 
 K = 8.0
-C = 4.0
+C = 16.0
 REL64 = 1e-9
 
 
