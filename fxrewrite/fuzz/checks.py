@@ -7,9 +7,10 @@ Tolerance rule (float32, bfloat16): a candidate output passes when
 where ref64 is the user's model run in float64 on upcast inputs and eager is the user's model
 run in its own dtype. K = 8: an exact rewrite rounds differently from eager (folded weights are
 rounded once, merged kernels sum in another order) but not by an order of magnitude more;
-C = 16 ulps of the output's scale covers outputs that eager happens to compute almost exactly
-(seed 4599: a BN folded into a 3x3x3 conv of a chain came out at 3.1e-6, 13 x eager's own
-2.3e-7 but 1.3e-6 of the output's scale, and exact in float64). This rule judges rounding only;
+C ulps of the output's scale (`verify.FLOOR_ULPS`: 16 for float32, 1 for 16-bit types) cover
+outputs that eager happens to compute almost exactly (seed 4599: a BN folded into a 3x3x3 conv
+of a chain came out at 3.1e-6, 13 x eager's own 2.3e-7 but 1.3e-6 of the output's scale, and
+exact in float64). This rule judges rounding only;
 exactness itself is judged in float64, where it is strict: float64 models must agree within
 REL64 = 1e-9 of max|ref64| (expect ~1e-12), and for float32/bfloat16 models the exact options
 replay the derivations on float64 weights (`verify(float64=True)`, the `verify64` class).
@@ -19,10 +20,9 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from fxrewrite.rewrite.verify import flatten_outputs
+from fxrewrite.rewrite.verify import FLOOR_ULPS, flatten_outputs
 
 K = 8.0
-C = 16.0
 REL64 = 1e-9
 
 
@@ -31,7 +31,7 @@ def tolerance(ref: torch.Tensor, eager: torch.Tensor, dtype: torch.dtype) -> flo
     if dtype == torch.float64:
         return REL64 * scale
     eager_err = float((eager.double() - ref).abs().max()) if ref.numel() else 0.0
-    return K * eager_err + C * torch.finfo(dtype).eps * scale
+    return K * eager_err + FLOOR_ULPS.get(dtype, 1) * torch.finfo(dtype).eps * scale
 
 
 def compare_outputs(cand, ref, eager) -> str | None:
