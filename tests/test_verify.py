@@ -39,8 +39,9 @@ def test_half_precision_bn_fold_passes_check_and_the_report_says_which_tolerance
     fast = optimize(m, torch.randn(2, 3, 16, 16, dtype=dtype), check=True)
     name = str(dtype).removeprefix("torch.")
     assert fast.report.count("fold_batchnorm") == 1
-    assert f"8 x eager's own {name} rounding" in fast.report.error["out"]["tolerance"]
-    assert f"eager's own {name} rounding" in fast.report.table()
+    tolerance = fast.report.error["out"]["tolerance"]  # the larger of 8 x eager's rounding and 4 ulps
+    assert f"eager's own {name} rounding" in tolerance or f"4 x {name} eps" in tolerance, tolerance
+    assert tolerance in fast.report.table()
 
 
 def test_a_real_mistake_is_still_caught_in_bfloat16():

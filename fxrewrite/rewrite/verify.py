@@ -17,7 +17,8 @@ the reference crosses zero), against one of these tolerances, recorded per outpu
   per cent of the output's range). The floor covers an eager run that happens to be nearly
   exact: in float32 a long reduction (a BN folded into a 3x3x3 conv) can round to 1e-6 of the
   output's scale, 13 x eager's own error on that input, and stay exact in float64, so 16 ulps;
-  in 16-bit types eager's own error is at least its final rounding, so 1 ulp.
+  in bfloat16 merged weights are rounded once to 8 bits, and an input on which eager happens to
+  be nearly exact showed 4 ulps (fuzzer seed 6328, exact in float64), so 4 ulps there.
 - float64 outputs, or when the float64 copy cannot run: a fixed rtol per dtype (float64 1e-10,
   float32 1e-5, half types 4 eps), said so in the result's notes.
 
@@ -35,7 +36,7 @@ from .capture import as_args
 from .clone import clone_inputs, copy_model, preserved_state
 
 K = 8  # multiples of eager's own rounding an exact rewrite may show (see the module docstring)
-FLOOR_ULPS = {torch.float32: 16, torch.float16: 1, torch.bfloat16: 1}  # ulps of max|ref| always allowed
+FLOOR_ULPS = {torch.float32: 16, torch.float16: 4, torch.bfloat16: 4}  # ulps of max|ref| always allowed
 _SEED = 0  # every model run starts from it: dropout draws the same masks in both models
 
 
