@@ -661,7 +661,7 @@ def merge_conv_into_fc(rw) -> int:
         rw.at(fc)
         nw = rw.param(f"{fc.name}_reparam_weight", lambda *t, f=fold: f(*t, 0), w, b, cw, cb)
         nb = rw.param(f"{fc.name}_reparam_bias", lambda *t, f=fold: f(*t, 1), w, b, cw, cb)
-        flat_x = rw.call(aten.flatten.using_ints, self=x, start_dim=1, end_dim=-1)
+        flat_x = rw.infer_meta(rw.call(aten.flatten.using_ints, self=x, start_dim=1, end_dim=-1))
         new = rw.call(ops.linear, input=flat_x, weight=nw, bias=nb)
         rw.replace(fc, new, f"merged conv {conv.name} into the FC on a {list(shape[1:])} input (RepMLP) -> "
                             f"linear {in_features}->{d}; the merged model accepts only this input size")

@@ -97,8 +97,14 @@ class Rewriter:
         """Any function (`operator.getitem`, a custom op) called with these arguments."""
         with self.graph.inserting_before(self._anchor):
             node = self.graph.call_function(fn, args, kwargs or {})
-        infer_tensor_meta(node)
         return self._track(node)
+
+    def infer_meta(self, node: fx.Node) -> fx.Node:
+        """Give a new intermediate node its shape (`shapes.infer_tensor_meta`), for a pass that
+        reads it before the pass ends; a node that replaces another takes that one's metadata in
+        `replace`, so this is not done for every new node (running ops on meta tensors costs)."""
+        infer_tensor_meta(node)
+        return node
 
     def call_module(self, hint: str, module: nn.Module, args: tuple) -> fx.Node:
         """Register `module` under a fresh dotted name made from `hint` (`blocks.0.norm1_dyt`)
