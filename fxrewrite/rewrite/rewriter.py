@@ -228,9 +228,8 @@ class Rewriter:
 
 
 def _has_path(root: nn.Module, target: str) -> bool:
-    obj = root
-    for part in target.split("."):
-        if not hasattr(obj, part):
-            return False
-        obj = getattr(obj, part)
-    return True
+    try:
+        fetch_attr(root, target)
+        return True
+    except AttributeError:
+        return False
