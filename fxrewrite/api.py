@@ -11,6 +11,7 @@ import torch.nn as nn
 from . import codegen
 from . import passes as catalogue
 from .rewrite.capture import capture
+from .rewrite.mode import settle_mode
 from .rewrite.passmanager import Pass
 from .rewrite.pipeline import run_pipeline
 from .rewrite.report import Report
@@ -19,7 +20,7 @@ from .rewrite.verify import VerificationError, verify
 
 def optimize(model: nn.Module, example_inputs, passes=None, check: bool = False,
              rtol: float | None = None, atol: float | None = None, lower: str | None = None,
-             inplace: bool = True, layout: str | None = None) -> fx.GraphModule:
+             inplace: bool = True, layout: str | None = None, dynamic=None) -> fx.GraphModule:
     """Capture `model`, canonicalise it, apply `passes` and return a new GraphModule.
 
     `model` is never modified. `passes`: pass names, preset names or Pass objects; by default
@@ -31,13 +32,20 @@ def optimize(model: nn.Module, example_inputs, passes=None, check: bool = False,
     safe activations and residual adds in-place at the end, for eager speed (`passes.inplace`).
     `layout="channels_last"` stores 2-D conv weights channels-last (faster convolutions with
     oneDNN; checked on `example_inputs`, put back with a reason if the model needs NCHW).
+    `dynamic`: the input axes a torch.export capture keeps dynamic, so that the result runs on
+    other shapes: by default the batch axis, and the sequence axis of integer inputs (token ids,
+    masks); `False` none, `True` all, or `{"input_ids": {0: "batch", 1: "seq"}}` (positions for
+    positional inputs; a list of axes keeps them where export can). The report says which axes
+    stayed dynamic and why others were specialised. `.train()` / `.eval()` work on the result,
+    and raise where its graph is fixed in one mode (folded BatchNorm, removed dropout).
     """
     steps = build_pipeline(passes, lower=lower, inplace=inplace, layout=layout)
     report = Report()
     with no_full_collections():
         with report.timed("capture"):
-            gm = capture(model, example_inputs, report)
+            gm = capture(model, example_inputs, report, dynamic=dynamic)
         derivations = run_pipeline(gm, steps, report)
+        settle_mode(gm, report, folds={p.name for p in steps if p.exactness == "exact"} - _MODE_FREE)
     gm.report = report
     gm.derivations = derivations
     if check:
@@ -48,6 +56,10 @@ def optimize(model: nn.Module, example_inputs, passes=None, check: bool = False,
         if not result.passed:
             raise VerificationError(f"optimized model differs from the original:\n{result}\n{report}")
     return gm
+
+
+# exact passes whose rewrites are the same in training and eval mode: they leave `.train()` allowed
+_MODE_FREE = {catalogue.INPLACE.name, catalogue.CHANNELS_LAST.name, catalogue.LIFT_NORMS.name}
 
 
 @contextlib.contextmanager

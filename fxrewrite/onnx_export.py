@@ -14,11 +14,16 @@ instead of writing a file only a custom runtime could load. A Triton-lowered mod
 (`optimize(..., lower="triton")`) exports its fused regions as their eager meaning
 (`lowered_decompositions`), i.e. the same standard ops as the unlowered model.
 
+Dynamic axes: the batch (dimension 0 of every input) and, for integer inputs such as token ids,
+the sequence (dimension 1). Export works on a copy when it must change something: weights with
+row-major strides, and a transformers model's KV cache off. The user's model is left as it is.
+
 Default opset: 23 when this onnxruntime can run RMSNormalization (probed once with a one-node
 model), otherwise 18.
 """
 from __future__ import annotations
 
+import copy
 import functools
 import os
 from dataclasses import dataclass, field
@@ -26,7 +31,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from .rewrite.capture import as_args
+from .rewrite.capture import as_args, disable_cache, recompile
+from .rewrite.dynamic import is_token_tensor
+from .rewrite.report import Report
+from .rewrite.shapes import row_major_strides
 from .rewrite.verify import VerificationError, VerifyResult, compare, flatten_outputs
 
 STANDARD_DOMAINS = {"", "ai.onnx", "ai.onnx.ml"}
@@ -38,7 +46,8 @@ class OnnxExportError(RuntimeError):
 
 @dataclass
 class OnnxExport:
-    """What was written: the file, the opset, and the ONNX op types used (with counts)."""
+    """What was written: the file, the opset, whether its batch axis (and the sequence axis of
+    its token inputs) is symbolic, and the ONNX op types used (with counts)."""
 
     path: str
     opset: int
@@ -46,10 +55,14 @@ class OnnxExport:
     op_counts: dict[str, int] = field(default_factory=dict)
     input_names: list[str] = field(default_factory=list)
     output_names: list[str] = field(default_factory=list)
+    dynamic_seq: bool = False  # dimension 1 of the integer (token) inputs
 
     def __str__(self):
         ops = ", ".join(f"{k} {v}" for k, v in sorted(self.op_counts.items()))
-        return (f"{self.path}: opset {self.opset}, {'dynamic' if self.dynamic_batch else 'static'} batch, "
+        axes = f"{'dynamic' if self.dynamic_batch else 'static'} batch"
+        if self.dynamic_seq:
+            axes = "dynamic batch and sequence" if self.dynamic_batch else "static batch, dynamic sequence"
+        return (f"{self.path}: opset {self.opset}, {axes}, "
                 f"{sum(self.op_counts.values())} nodes ({ops})")
 
 
@@ -76,14 +89,48 @@ def default_opset() -> int:
 
 
 def _dynamic_shapes(args, kwargs):
-    """Dimension 0 of every tensor input is one shared symbolic batch size."""
-    batch = torch.export.Dim("batch")
+    """Dimension 0 of every tensor input is one shared symbolic batch size; dimension 1 of every
+    integer input of rank >= 2 (token ids, attention masks) is one shared symbolic sequence length."""
+    batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq")
 
     def spec(v):
-        return {0: batch} if isinstance(v, torch.Tensor) and v.dim() > 0 else None
+        if not isinstance(v, torch.Tensor) or v.dim() == 0:
+            return None
+        return {0: batch, 1: seq} if is_token_tensor(v) else {0: batch}
     if kwargs:
         return {k: spec(v) for k, v in kwargs.items()}
     return tuple(spec(a) for a in args)
+
+
+def _canonical(t: torch.Tensor) -> bool:
+    """Whether `t` has row-major strides. With a 1x1 conv weight of channels-last strides (still
+    `is_contiguous()`) the exporter's fake convolution picks its memory format by a test that
+    depends on whether the batch is 1 (a guard `batch <= 1`), which fixes at 1 a dynamic batch
+    traced at 1 (mobilenet_v3_small after merge_branches)."""
+    return tuple(t.stride()) == row_major_strides(t.shape)
+
+
+def _export_view(model: nn.Module) -> nn.Module:
+    """`model`, or a copy of it sharing every tensor it can, in the form export needs: weights
+    with row-major strides, and a transformers model's KV cache off (export refuses a
+    `DynamicCache` output). The user's model is never changed."""
+    tensors = {id(t): t for m in model.modules()
+               for t in [*m._parameters.values(), *m._buffers.values(), *vars(m).values()]
+               if isinstance(t, torch.Tensor)}
+    memo = {k: t if _canonical(t) else _restrided(t) for k, t in tensors.items()}
+    config = getattr(model, "config", None)
+    if all(memo[k] is t for k, t in tensors.items()) and not getattr(config, "use_cache", False):
+        return model
+    view = copy.deepcopy(model, memo)
+    disable_cache(view, Report())
+    if isinstance(view, torch.fx.GraphModule):
+        recompile(view)  # a lazy GraphModule's copy takes *args until its code is generated
+    return view
+
+
+def _restrided(t: torch.Tensor) -> torch.Tensor:
+    data = t.detach().clone(memory_format=torch.contiguous_format)
+    return nn.Parameter(data, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else data
 
 
 def export_onnx(model: nn.Module, example_inputs, path: str | os.PathLike, opset: int | None = None,
@@ -92,8 +139,10 @@ def export_onnx(model: nn.Module, example_inputs, path: str | os.PathLike, opset
 
     `example_inputs`: a tensor, a tuple of positional inputs or a dict of keyword inputs.
     `dynamic_batch=True` makes dimension 0 of every tensor input (and so of the outputs) a
-    symbolic `batch`. Raises `OnnxExportError` when export fails or the file would contain a
-    non-standard op domain. The model is not modified.
+    symbolic `batch`, and dimension 1 of integer inputs (token ids, masks) a symbolic `seq`;
+    an example batch of 1 is fine. A transformers model is exported with its KV cache off.
+    Raises `OnnxExportError` when export fails or the file would contain a non-standard op
+    domain. The model is not modified (export works on a copy where it must change something).
     """
     import onnx
 
@@ -103,15 +152,11 @@ def export_onnx(model: nn.Module, example_inputs, path: str | os.PathLike, opset
     dynamic = _dynamic_shapes(args, kwargs) if dynamic_batch else None
     size = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     external = size > 1.8 * 2 ** 30  # a single protobuf file holds at most 2 GiB
-    table = lowered_decompositions(model)
     try:
-        with torch.no_grad():
-            target = model
-            if table:  # Triton-lowered regions: export their eager meaning (standard ATen ops)
-                target = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic, strict=False)
-                target = target.run_decompositions(table)
-            torch.onnx.export(target, args, path, kwargs=kwargs or None, dynamo=True, opset_version=opset,
-                              dynamic_shapes=None if table else dynamic, verbose=False, external_data=external)
+        view = _export_view(model)
+        if dynamic:
+            args, kwargs = _batch_of_two(view, args, kwargs)
+        _export(view, args, kwargs, path, opset, dynamic, external)
     except Exception as e:
         raise OnnxExportError(f"torch.onnx.export failed for {type(model).__name__}: {_summary(e)}") from e
     proto = onnx.load(path)
@@ -119,8 +164,76 @@ def export_onnx(model: nn.Module, example_inputs, path: str | os.PathLike, opset
     counts: dict[str, int] = {}
     for n in nodes:
         counts[n.op_type] = counts.get(n.op_type, 0) + 1
-    return OnnxExport(path, opset, dynamic_batch, counts, [i.name for i in proto.graph.input],
-                      [o.name for o in proto.graph.output])
+    batch, seq = _symbolic_axes(proto) if dynamic else (False, False)
+    return OnnxExport(path, opset, batch, counts, [i.name for i in proto.graph.input],
+                      [o.name for o in proto.graph.output], dynamic_seq=seq)
+
+
+def _symbolic_axes(proto) -> tuple[bool, bool]:
+    """Whether the file's batch axis, and the sequence axis of its integer (token) inputs, are
+    symbolic: a graph captured at batch 1 (by `optimize`) can keep a batch of 1 whatever export
+    asks for."""
+    from onnx.helper import tensor_dtype_to_np_dtype
+
+    def symbolic(value_info, axis):
+        dims = value_info.type.tensor_type.shape.dim
+        return len(dims) > axis and not dims[axis].dim_value
+    inputs = [v for v in proto.graph.input if len(v.type.tensor_type.shape.dim) > 0]
+    tokens = [v for v in inputs if len(v.type.tensor_type.shape.dim) >= 2
+              and tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).kind in "iu"]
+    return all(symbolic(v, 0) for v in inputs), bool(tokens) and all(symbolic(v, 1) for v in tokens)
+
+
+def _batch_of_two(model, args, kwargs):
+    """Examples of batch 1 repeated to batch 2, when the model runs on them. Tracing at batch 1
+    lets code such as `if batch != position_ids.shape[0]` (transformers' masks) fix the batch
+    at 1 even for a dynamic export; at batch 2 nothing can be mistaken for a broadcast."""
+    def two(v):
+        return v.repeat(2, *[1] * (v.dim() - 1)) if isinstance(v, torch.Tensor) and v.dim() > 0 else v
+    tensors = [t for t in _flat_inputs(args, kwargs) if t.dim() > 0]
+    if not tensors or any(t.shape[0] != 1 for t in tensors):
+        return args, kwargs
+    args2, kwargs2 = tuple(two(a) for a in args), {k: two(v) for k, v in kwargs.items()}
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            model(*args2, **kwargs2)
+    except Exception:  # a graph captured at batch 1: export it as it is
+        return args, kwargs
+    return args2, kwargs2
+
+
+def _export(model, args, kwargs, path, opset, dynamic, external):
+    """torch.onnx.export, through torch.export first for a Triton-lowered model (whose fused
+    regions are exported as their eager meaning, standard ATen ops). Size-oblivious shapes, as
+    torch.onnx uses itself, so that an example batch of 1 does not fix the batch at 1."""
+    table = lowered_decompositions(model)
+    with torch.no_grad(), torch.fx.experimental._config.patch(backed_size_oblivious=True):
+        target = model
+        if table:
+            target = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic, strict=False)
+            target = target.run_decompositions(table)
+        program = torch.onnx.export(target, args, kwargs=kwargs or None, dynamo=True, opset_version=opset,
+                                    dynamic_shapes=None if table else dynamic, verbose=False, optimize=False)
+    _optimize_onnx(program.model, opset)
+    program.save(path, external_data=external)
+
+
+def _optimize_onnx(model, opset: int):
+    """What torch.onnx's own `optimize=True` does (onnxscript's constant folding and clean-up,
+    then its opset-23 fusions), less the RotaryEmbedding fusion: its cos/sin cache is built for
+    the traced batch, and onnxruntime rejects the file at any dynamic sequence length
+    ("cos_cache ... expected to have the same shape as input 'x', got 1 and 8", transformers'
+    Llama at opset 23). RMSNormalization is fused when this onnxscript has the rule; without it
+    the norm stays as Pow/ReduceMean/Sqrt/Div, which computes the same."""
+    import onnxscript.optimizer
+    onnxscript.optimizer.optimize_ir(model)
+    if opset < 23:
+        return
+    try:
+        from onnxscript.rewriter.rules.fusion._rms_normalization import fuse_rms_normalization
+    except ImportError:
+        return
+    fuse_rms_normalization(model)
 
 
 def _summary(e: BaseException) -> str:
@@ -184,7 +297,9 @@ def check_onnx(reference_model: nn.Module, path: str | os.PathLike, inputs, rtol
     import onnxruntime as ort
 
     args, kwargs = as_args(inputs)
-    session = ort.InferenceSession(os.fspath(path), providers=["CPUExecutionProvider"])
+    options = ort.SessionOptions()
+    options.log_severity_level = 4  # a failing run raises with the same message; no extra log line
+    session = ort.InferenceSession(os.fspath(path), options, providers=["CPUExecutionProvider"])
     feeds_in = session.get_inputs()
     if kwargs and all(k in kwargs for k in (i.name for i in feeds_in)):
         feed = {i.name: kwargs[i.name].detach().cpu().numpy() for i in feeds_in}

@@ -37,6 +37,28 @@ TINYNETS = textwrap.dedent("""
 
     def returns_int():
         return 3
+
+    def normnet():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16), nn.GELU(), nn.Linear(16, 4))
+
+    def llama():
+        from transformers import LlamaConfig, LlamaModel
+        torch.manual_seed(0)
+        return LlamaModel(LlamaConfig(num_hidden_layers=2, hidden_size=32, intermediate_size=64,
+                                      num_attention_heads=2, num_key_value_heads=2, vocab_size=100))
+
+    def gpt2_and_inputs():
+        from transformers import GPT2Config, GPT2Model
+        torch.manual_seed(0)
+        model = GPT2Model(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=100, n_positions=32,
+                                     bos_token_id=0, eos_token_id=0))
+        return model, {"input_ids": torch.randint(0, 100, (2, 8))}
+
+    def mobilenet():
+        import torchvision
+        torch.manual_seed(0)
+        return torchvision.models.mobilenet_v3_small(num_classes=10)
 """)
 
 
@@ -79,6 +101,7 @@ def test_full_run(tiny, capsys):
     (["tinynets:branchy", "--input-shape", "1,4"], "cannot capture the model"),
     (["tinynets:convnet", "--draw", "no_such_dir/graph.svg"], "--draw no_such_dir/graph.svg: directory"),
     (["tinynets:convnet", "--runs", "0"], "--runs must be at least 1"),
+    (["tinynets:convnet", "--tokens", "0"], "--tokens must be at least 1"),
 ])
 def test_bad_input_is_one_line_exit_2(tiny, capsys, argv, message):
     if "--input-shape" not in argv:
@@ -90,6 +113,16 @@ def test_bad_input_is_one_line_exit_2(tiny, capsys, argv, message):
     assert len(errors) == 1 and errors[0].startswith("fxrewrite: error: "), err
     assert message in errors[0]
     assert "Traceback" not in err + out
+
+
+@pytest.mark.parametrize("extra, message", [
+    ([], "--input-shape is required: tinynets:convnet() returned no example inputs"),
+    (["--tokens", "100"], "--tokens needs --input-shape"),
+])
+def test_inputs_are_needed(tiny, capsys, extra, message):
+    rc = main(["optimize", "tinynets:convnet"] + extra)
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err and "Traceback" not in err
 
 
 def test_python_dash_m(tiny):
@@ -147,3 +180,60 @@ def test_layout_channels_last_is_passed_through(capsys):
     out = capsys.readouterr().out
     assert code == 0
     assert "layout" in out and "stored channels-last" in out
+
+
+def _torch_chatter(err: str) -> list[str]:
+    """stderr lines that are not this command's own progress lines."""
+    return [line for line in err.splitlines() if line.strip() and not line.startswith("[rewrite]")]
+
+
+def test_token_model(tiny, capfd):
+    """--tokens: int64 ids for an embedding; torch's logs stay out of stdout/stderr without --verbose."""
+    pytest.importorskip("transformers")
+    rc = main(["optimize", "tinynets:llama", "--tokens", "100", "--input-shape", "1,8", "--runs", "1", "--check"])
+    out, err = capfd.readouterr()
+    assert rc == 0, err
+    assert "error vs original (fresh input): PASS" in out
+    assert _torch_chatter(err) == [], err[-2000:]
+
+
+def test_factory_returning_inputs_exports_dynamic_batch_and_sequence(tiny, capfd):
+    """A factory's own example inputs (a dict of token ids); ONNX with dynamic batch and sequence
+    axes, checked in onnxruntime at another batch size and sequence length."""
+    pytest.importorskip("transformers")
+    rc = main(["optimize", "tinynets:gpt2_and_inputs", "--runs", "1", "--check", "--onnx", "tok.onnx"])
+    out, err = capfd.readouterr()
+    assert rc == 0, err
+    assert "dynamic batch and sequence" in out
+    assert "onnxruntime vs original, batch 2, sequence 8: PASS" in out
+    assert "onnxruntime vs original, batch 3, sequence 11: PASS" in out
+    assert _torch_chatter(err) == [], err[-2000:]
+
+
+def test_lower_triton(tiny, capsys):
+    """--lower triton reaches optimize; the fused region exports as its eager meaning, batch 1 dynamic."""
+    rc = main(["optimize", "tinynets:normnet", "--input-shape", "1,8", "--lower", "triton", "--runs", "1", "--check",
+               "--onnx", "lowered.onnx"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    assert "lower_triton rewrote 1" in out and "error vs original (fresh input): PASS" in out
+    assert "LayerNormalization 1" in out and "onnxruntime vs original, batch 2: PASS" in out
+
+
+def test_batch_1_onnx_after_merged_branches(tiny, capfd):
+    """The README's pattern at batch 1 on a model where merge_branches composes two 1x1 convs."""
+    pytest.importorskip("torchvision")
+    rc = main(["optimize", "tinynets:mobilenet", "--input-shape", "1,3,32,32", "--runs", "1", "--check",
+               "--onnx", "m.onnx"])
+    out, err = capfd.readouterr()
+    assert rc == 0, err
+    assert "merge_branches" in out and "dynamic batch" in out
+    assert "onnxruntime vs original, batch 1: PASS" in out and "onnxruntime vs original, batch 2: PASS" in out
+    assert _torch_chatter(err) == [], err[-2000:]
+
+
+def test_verbose_lets_torch_logs_through(tiny, capfd):
+    rc = main(["optimize", "tinynets:branchy", "--input-shape", "1,4", "--verbose"])
+    out, err = capfd.readouterr()
+    assert rc == 2 and "cannot capture the model" in err
+    assert _torch_chatter(err)[:-1], "torch's own output should be shown with --verbose"

@@ -556,3 +556,40 @@ def test_bench_smoke_runs_in_the_interpreter():
     assert proc.stdout.count(" ok (max scaled error") == 24
     assert "triton copy kernel ok" in proc.stdout  # the copy ceiling's kernel copies correctly
     assert proc.stdout.strip().endswith("smoke ok")
+
+
+def test_dyt_inlined_by_dynamo_is_lowered_as_one_region():
+    """Dynamo inlines a DyT module into `tanh(alpha * x) * weight + bias`; the lowering finds it
+    by its one-element `alpha` parameter and fuses the whole of it, as for the module."""
+    import torch._dynamo
+    from fxrewrite import backend
+    from fxrewrite.rewrite.nn import DyT
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), DyT(8), nn.GELU()).eval()
+    with torch.no_grad():
+        model[1].weight.normal_()
+        model[1].bias.normal_()
+    x = torch.randn(2, 3, 8)
+    fast = torch.compile(model, backend="rewrite", options={"passes": [], "lower": "triton", "compiler": "eager"})
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), model(x), rtol=1e-5, atol=1e-5)
+    [r] = [r for r in backend.last_report().records if r.pass_name == "lower_triton" and r.action == "rewrote"]
+    assert ":dyt" in r.detail and ":gelu" in r.detail and ":mul" in r.detail and ":add" in r.detail, r.detail
+
+
+def test_a_tanh_activation_is_not_taken_for_a_dyt():
+    """tanh(c * x) with a literal or a per-channel multiplier is an activation, not a DyT."""
+    from fxrewrite.codegen.regions import describe_norm
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = nn.Parameter(torch.randn(8))
+
+        def forward(self, x):
+            return torch.tanh(0.5 * x) + torch.tanh(self.scale * x)
+
+    gm = optimize(M(), torch.randn(2, 8), passes=[])
+    tanhs = [n for n in gm.graph.nodes if n.target is torch.ops.aten.tanh.default]
+    assert len(tanhs) == 2 and all(describe_norm(gm, n) is None for n in tanhs)

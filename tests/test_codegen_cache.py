@@ -119,3 +119,24 @@ def test_caches_stay_bounded_over_many_shapes(monkeypatch, launches):
         assert len(runtime._LAUNCHES) <= bound and len(runtime._KERNELS) <= bound
     assert len(launches) == 61
     assert len(runtime._KERNELS) == bound  # 20 kernels were built: the bound really evicted
+
+
+def test_language_model_over_50_sequence_lengths_keeps_caches_bounded(monkeypatch, launches):
+    """A decoder optimized once with a dynamic sequence axis and lowered, then run at 50
+    sequence lengths: every call matches eager and launches its fused kernels, and the launch
+    and kernel caches never pass their bound."""
+    from conftest import tiny_llama
+    bound = 8
+    monkeypatch.setattr(runtime._LAUNCHES, "maxsize", bound)
+    monkeypatch.setattr(runtime._KERNELS, "maxsize", bound)
+    torch.manual_seed(0)
+    model = tiny_llama().to(DEVICE)
+    fast = optimize(model, {"input_ids": torch.randint(0, 100, (2, 8), device=DEVICE)}, lower="triton")
+    assert fast.report.count("lower_triton") == 5, fast.report
+    for seq in range(3, 53):
+        ids = torch.randint(0, 100, (2, seq), device=DEVICE)
+        with torch.no_grad():
+            got, want = fast(input_ids=ids).last_hidden_state, model(input_ids=ids).last_hidden_state
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        assert len(runtime._LAUNCHES) <= bound and len(runtime._KERNELS) <= bound
+    assert len(launches) == 5 * 50

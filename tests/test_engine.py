@@ -243,3 +243,44 @@ def test_verify_compares_non_finite_values_exactly():
     assert not compare(ref, torch.tensor([1.0, -float("inf"), float("nan"), 2.0]), rtol=1e-6, atol=0).passed
     assert not compare(ref, torch.tensor([1.0, 5.0, float("nan"), 2.0]), rtol=1e-6, atol=0).passed
     assert not compare(ref, torch.tensor([1.0, float("inf"), float("nan"), 3.0]), rtol=1e-6, atol=0).passed
+
+
+class NormSpellings(nn.Module):
+    """The arithmetic of written-out norms, in the spellings each route records."""
+
+    def forward(self, x):
+        a = x.pow(2) + torch.pow(x, 3) + x ** 2 + x.square()
+        b = x.mean(-1, keepdim=True) + torch.mean(x, dim=(1, 2), keepdim=True) + x.mean(dim=[-1], keepdim=True)
+        c = torch.rsqrt(a.abs() + 1) + (a.abs() + 1).rsqrt()
+        d = x.to(torch.float64).float() + x.half().to(dtype=torch.float32) + x.to(x.dtype) + x.type_as(x)
+        return a + b + c + d + x.mean()  # x.mean(): a mean over everything, another overload
+
+
+def test_norm_arithmetic_becomes_canonical_on_every_route():
+    m, x = NormSpellings(), torch.randn(2, 3, 4)
+    for route in ("symbolic_trace", "export"):
+        if route == "export":
+            gm = torch.export.export(m, (x,)).module()
+            canonicalize(gm, Report())
+        else:
+            gm, _ = canonical(m, x)
+        assert count(gm, ops.pow) == 4 and count(gm, ops.mean) == 3 and count(gm, ops.rsqrt) == 2, route
+        assert count(gm, ops.cast) == 4, route  # x.to(x.dtype) is x itself; float64, half and back stay
+        gm.recompile()
+        torch.testing.assert_close(gm(x), m(x), rtol=0, atol=0)
+
+
+def test_a_cast_that_may_return_its_input_is_never_functionalised_away():
+    """`y = x.to(float32)` is `x` itself for a float32 `x`, so `y.add_(1)` writes `x`: the
+    mutation must stay, or a later read of `x` would miss it."""
+    class M(nn.Module):
+        def forward(self, x):
+            z = x * 2
+            y = z.to(torch.float32)
+            y.add_(1)
+            return z + y
+
+    m, x = M(), torch.randn(5)
+    gm, _ = canonical(m, x)
+    gm.recompile()
+    torch.testing.assert_close(gm(x), m(x), rtol=0, atol=0)

@@ -41,3 +41,14 @@ def test_swap_and_finetune():
     for name, cells in rows.items():
         before, after_ft = float(cells[0].rstrip("%")), float(cells[-1].rstrip("%"))
         assert before > 90 and after_ft > 90, (name, cells)  # fine-tuning recovers the swapped model
+
+
+def test_generate_compiled_float32_and_bfloat16():
+    """Greedy generate() through the backend equals eager token for token (one prompt and a
+    left-padded batch), with one fused region per RMSNorm in every compiled graph."""
+    for dtype in ("float32", "bfloat16"):
+        out = run_example("generate_compiled.py", "--dtype", dtype)
+        assert out.count("16 greedy tokens identical to eager") == 2, out
+        fused = re.search(r"fused regions per graph: \[([\d, ]+)\] \(the model has (\d+) RMSNorms\)", out)
+        assert fused, out
+        assert {int(n) for n in fused.group(1).split(",")} == {int(fused.group(2))}, out

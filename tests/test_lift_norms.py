@@ -77,10 +77,75 @@ def test_norm_that_does_not_match_is_left_decomposed_and_says_so(kw):
     verify(model, gm, x, rtol=0, atol=0)
 
 
-@pytest.mark.xfail(strict=True, reason="lift_norms matches only torch.export's ATen spelling; canonicalisation "
-                                       "leaves symbolic_trace's x.pow / x.mean / torch.rsqrt / x.to as written, "
-                                       "so the same norm captured by symbolic_trace stays decomposed")
+# ---------------------------------------------------------------- every capture route, every spelling
+
+class Spelled(torch.nn.Module):
+    """One RMSNorm written in the spellings hand-written code, timm and transformers use."""
+
+    def __init__(self, spelling):
+        super().__init__()
+        self.fc, self.weight, self.spelling = torch.nn.Linear(8, 8), torch.nn.Parameter(torch.randn(8) + 1), spelling
+
+    def forward(self, x):
+        x = self.fc(x)
+        if self.spelling == "operators":      # x ** 2, torch.mean(..., dim=...), rsqrt method
+            var = torch.mean(x ** 2, dim=-1, keepdim=True)
+            return self.weight * (x * (var + 1e-5).rsqrt())
+        if self.spelling == "square":         # x.square(), eps first, torch.mul
+            var = x.square().mean(dim=[-1], keepdim=True)
+            return torch.mul(x * torch.rsqrt(1e-5 + var), self.weight)
+        if self.spelling == "t5":             # T5LayerNorm: squares a float32 copy, scales x itself
+            var = x.to(torch.float32).pow(2).mean(-1, keepdim=True)
+            return self.weight * (x * torch.rsqrt(var + 1e-5))
+        raise ValueError(self.spelling)
+
+
+@pytest.mark.parametrize("spelling", ["operators", "square", "t5"])
+def test_every_spelling_is_lifted_under_symbolic_trace(spelling):
+    model, x = Spelled(spelling).eval(), torch.randn(2, 3, 8)
+    gm = optimize(model, x, passes=["lift_norms"])
+    assert gm.report.count("lift_norms") == 1
+    assert count(gm, ops.rms_norm) == 1 and count(gm, rsqrt) == 0
+    verify(model, gm, x, rtol=0, atol=1e-6)
+
+
 def test_norm_captured_by_symbolic_trace_is_lifted_too():
+    """The transformers spelling (x.to(float32), x.pow(2).mean(-1, keepdim=True), torch.rsqrt,
+    .to(x.dtype) through a traced `x.dtype`) is lifted as on the torch.export route."""
     model, x = RMSNormBlock().eval(), torch.randn(2, 3, 8)
     gm = optimize(model, x, passes=["lift_norms"])
     assert gm.report.count("lift_norms") == 1
+    [r] = rewrote(gm, "lift_norms")
+    assert r.detail.endswith("with its weight")
+    assert count(gm, rsqrt) == 0 and count(gm, ops.cast) == 0  # the float32 no-op casts are gone
+    verify(model, gm, x, rtol=0, atol=0)
+
+
+def test_bfloat16_norm_under_symbolic_trace_keeps_its_casts():
+    model, x = RMSNormBlock().eval().to(torch.bfloat16), torch.randn(2, 3, 8, dtype=torch.bfloat16)
+    gm = optimize(model, x, passes=["lift_norms"])
+    [r] = rewrote(gm, "lift_norms")
+    assert r.detail.endswith("normalisation only (casts/weight kept)")
+    assert count(gm, ops.cast) == 2  # to float32 before, back to bfloat16 after
+    verify(model, gm, x, rtol=0, atol=0)
+
+
+def test_t5_spelling_with_a_real_cast_is_left():
+    """In bfloat16 T5 squares a float32 copy but scales the bfloat16 tensor: not one norm op."""
+    model, x = Spelled("t5").eval().to(torch.bfloat16), torch.randn(2, 3, 8, dtype=torch.bfloat16)
+    gm = optimize(model, x, passes=["lift_norms"])
+    assert gm.report.count("lift_norms") == 0 and count(gm, rsqrt) == 1
+    verify(model, gm, x, rtol=0, atol=0)
+
+
+def test_norm_under_torch_compile_is_lifted_and_lowered():
+    """Dynamo's spelling (call_method pow/mean/to, torch.rsqrt, weights as graph inputs) is the
+    same canonical graph after freezing: one fused region per norm."""
+    from fxrewrite import backend
+    torch._dynamo.reset()
+    model, x = RMSNormBlock().eval(), torch.randn(2, 3, 8)
+    fast = torch.compile(model, backend="rewrite", options={"lower": "triton", "compiler": "eager"})
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), model(x), rtol=1e-5, atol=1e-5)
+    report = backend.last_report()
+    assert report.count("lift_norms") == 1 and report.count("lower_triton") == 1

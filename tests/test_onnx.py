@@ -219,3 +219,64 @@ def test_lowered_model_exports(tmp_path):
         assert info.op_counts.get("RMSNormalization") == 2
     result = check_onnx(model, path, torch.randn(3, 7, 16))
     assert result.passed, str(result)
+
+
+@pytest.mark.parametrize("layout", [None, "channels_last"])
+def test_batch_1_dynamic_export_of_channels_last_weights(tmp_path, layout):
+    """Two 1x1 convs in a row are composed into one (whose weight the Rewriter now stores
+    row-major; an einsum gave it channels-last strides), and with layout="channels_last" every
+    conv weight has channels-last strides. Export gives the copy it traces row-major weights (on
+    mobilenet_v3_small such a weight fixed the batch at 1: test_cli) and leaves the optimized
+    model's own weights as they are."""
+    torch.manual_seed(0)
+    model = _randomize_bn(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 16, 1),
+                                        nn.BatchNorm2d(16), nn.Conv2d(16, 4, 1), nn.BatchNorm2d(4))).eval()
+    x = torch.randn(1, 3, 8, 8)
+    fast = optimize(model, x, layout=layout)
+    assert fast.report.count("merge_branches") == 1
+    strides = {k: v.stride() for k, v in fast.state_dict().items()}
+    row_major = [onnx_export._canonical(v) for v in fast.state_dict().values()]
+    assert all(row_major) if layout is None else not all(row_major)
+    path = tmp_path / "chain.onnx"
+    info = export_onnx(fast, x, path)
+    assert info.dynamic_batch and info.op_counts["Conv"] == 2
+    assert {k: v.stride() for k, v in fast.state_dict().items()} == strides
+    for batch in (1, 3):
+        assert check_onnx(model, path, torch.randn(batch, 3, 8, 8)).passed
+
+
+def test_unoptimized_transformers_model(tmp_path):
+    """A transformers model straight from its config: exported with its KV cache off (on a copy;
+    the user's config keeps use_cache), batch and sequence dynamic from an example batch of 1."""
+    from conftest import ids, tiny_gpt2
+    model = tiny_gpt2()
+    config = model.config
+    assert config.use_cache
+    path = tmp_path / "gpt2.onnx"
+    info = export_onnx(model, ids(1, 8), path)
+    assert model.config is config and config.use_cache
+    assert info.dynamic_seq and "dynamic batch and sequence" in str(info)
+    dims = onnx.load(path).graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_param for d in dims] == ["batch", "seq"]
+    for batch, seq in ((1, 8), (3, 13)):
+        result = check_onnx(model, path, ids(batch, seq))
+        assert result.passed, str(result)
+
+
+def test_optimized_llama_checks_at_other_sequence_lengths(tmp_path):
+    """Rotary embeddings with a dynamic sequence axis: onnxscript's opset-23 RotaryEmbedding
+    fusion builds a cos/sin cache onnxruntime rejects at every length, so it is left out; the
+    norms are still fused into RMSNormalization where the opset has it."""
+    from conftest import ids, tiny_llama
+    torch.manual_seed(0)
+    model = tiny_llama()
+    fast = optimize(model, ids(2, 8))
+    path = tmp_path / "llama.onnx"
+    info = export_onnx(fast, ids(2, 8), path)
+    assert info.dynamic_batch and info.dynamic_seq
+    assert "RotaryEmbedding" not in info.op_counts
+    if info.opset >= 23:
+        assert info.op_counts.get("RMSNormalization") == 5, info.op_counts
+    for batch, seq in ((2, 8), (3, 13), (1, 5)):
+        result = check_onnx(model, path, ids(batch, seq))
+        assert result.passed, str(result)

@@ -169,6 +169,19 @@ def test_merged_weights_are_contiguous_and_views_after_them_work():
     _fresh_check(model, fast, (2, 4, 8, 8))
 
 
+def test_merged_1x1_weights_have_row_major_strides():
+    """Two 1x1 convs merged through an einsum: `.contiguous()` would keep strides like
+    (16, 1, 16, 16), which oneDNN and torch.export read as channels-last (export then fixed a
+    dynamic batch of 1 and ONNX export failed on torchvision's mobilenet_v3_small)."""
+    model = nn.Sequential(nn.Conv2d(16, 16, 1), nn.Conv2d(16, 72, 1)).eval()
+    fast = optimize(model, torch.randn(2, 16, 4, 4))
+    assert fast.report.count("merge_branches") == 1
+    for t in list(fast.parameters()) + list(fast.buffers()):
+        expected = torch.empty(t.shape).stride()
+        assert t.stride() == expected, (t.shape, t.stride())
+    _fresh_check(model, fast, (2, 16, 4, 4))
+
+
 # ---------------------------------------------------------------- the user's things stay
 
 def test_train_mode_batchnorm_statistics_stay_in_the_copy_and_the_user_model():

@@ -139,8 +139,6 @@ def describe(gm: fx.GraphModule, node: fx.Node) -> Described:
         if _is(mod, SmeLU) and len(node.args) == 1 and not node.kwargs:
             return Described("smelu", [Operand(node=node.args[0]), Operand(attr=f"{node.target}.beta")], {})
         raise NotFusable(f"module {type(mod).__name__} is not an elementwise op the emitter knows")
-    if node.op == "call_method":
-        return _describe_method_cast(node)
     if node.op != "call_function":
         raise NotFusable(f"{node.op} node")
     t = node.target
@@ -166,34 +164,12 @@ def describe(gm: fx.GraphModule, node: fx.Node) -> Described:
         if extra or dt not in FLOATS:
             raise NotFusable(f"_to_copy with {extra or dt}: only a float dtype change is fused")
         return Described("cast", [Operand(node=ops_arg(node, "self"))], {"dtype": dtype_name(dt)})
-    if t is aten.to.dtype:  # what torch.export records for x.to(dtype) (LLaMA's RMSNorm casts)
-        dt = node.args[1] if len(node.args) > 1 else node.kwargs.get("dtype")
-        if dt not in FLOATS or any(node.kwargs.get(k) not in (None, False) for k in ("copy", "memory_format")):
+    if t is ops.cast:  # x.to(dtype), x.float(), ... on every capture route (LLaMA's RMSNorm casts)
+        dt = ops.arg(node, "dtype")
+        if dt not in FLOATS or ops.arg(node, "copy") or ops.arg(node, "memory_format") is not None:
             raise NotFusable(f"aten.to with {dt}: only a plain float dtype change is fused")
-        return _cast(node.args[0], dt)
+        return Described("cast", [Operand(node=ops_arg(node, "self"))], {"dtype": dtype_name(dt)})
     raise NotFusable(f"{ops.short_name(t)} is not an elementwise op the emitter knows")
-
-
-_METHOD_CASTS = {"float": torch.float32, "double": torch.float64, "half": torch.float16,
-                 "bfloat16": torch.bfloat16}
-
-
-def _cast(x, dt) -> Described:
-    if not isinstance(x, fx.Node):
-        raise NotFusable("cast of a non-tensor")
-    return Described("cast", [Operand(node=x)], {"dtype": dtype_name(dt)})
-
-
-def _describe_method_cast(node: fx.Node) -> Described:
-    """`x.float()`, `x.half()`, `x.to(torch.float32)` as symbolic_trace records them (the
-    canonicaliser leaves these methods alone): a cast, when the only argument is a float dtype."""
-    if node.target in _METHOD_CASTS and len(node.args) == 1 and not node.kwargs:
-        return _cast(node.args[0], _METHOD_CASTS[node.target])
-    if node.target == "to":
-        rest = list(node.args[1:]) + list(node.kwargs.values())
-        if len(rest) == 1 and rest[0] in FLOATS and set(node.kwargs) <= {"dtype"}:
-            return _cast(node.args[0], rest[0])
-    raise NotFusable(f"method {node.target} is not an elementwise op the emitter knows")
 
 
 def ops_arg(node, name):
@@ -206,6 +182,21 @@ def ops_arg(node, name):
 # norm modules the canonicaliser may leave as modules (BatchNorm in training mode, GroupNorm,
 # InstanceNorm): reported as norms that were not lowered, so the report names every norm
 _OTHER_NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.RMSNorm)
+
+
+def _written_out_dyt(node: fx.Node) -> Described | None:
+    """`tanh(alpha * x)` with `alpha` a one-element parameter: a DyT as Dynamo inlines the
+    module (`weight * ... + bias` follow as ordinary epilogue ops). The multiply joins the region
+    as its prologue, so the norm itself is `tanh(1 * m)`: the same value. Any other tanh is an
+    activation, not a region of its own."""
+    m = ops.arg(node, "self")
+    if not (isinstance(m, fx.Node) and m.op == "call_function" and m.target is ops.mul and len(m.users) == 1):
+        return None
+    if not any(isinstance(a, fx.Node) and a.op == "get_attr" and _attr_tensor(a) is not None
+               and _attr_tensor(a).numel() == 1 for a in m.args[:2]):
+        return None
+    one = Operand(literal=1.0)
+    return Described("dyt", [Operand(node=m), one, one, Operand(absent=True)], {})
 
 
 def describe_norm(gm: fx.GraphModule, node: fx.Node) -> Described | None:
@@ -224,6 +215,8 @@ def describe_norm(gm: fx.GraphModule, node: fx.Node) -> Described | None:
                                  Operand(attr=f"{node.target}.weight"), bias], {})
     if node.op != "call_function":
         return None
+    if node.target is ops.tanh:
+        return _written_out_dyt(node)
     if node.target is ops.layer_norm or node.target is ops.rms_norm:
         x = ops_arg(node, "input")
         shape, nshape = shape_of(x), list(ops.arg(node, "normalized_shape"))

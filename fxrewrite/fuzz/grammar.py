@@ -231,8 +231,9 @@ def gen_branches(r: random.Random, shape: list, flags: dict):
     same = r.random() < 0.75
     cout = cin if same else _channels(r)
     stride = 2 if min(hw) >= 6 and r.random() < 0.25 else 1
-    kinds = ["kxk", "1x1", "1x1_kxk"] + ["1xk", "kx1", "grouped"] * 2 + (
-        ["identity", "bn", "dw"] * 3 + ["avgpool"] * 2 if same else [])
+    # weights chosen so that each kind is merged at least 500 times in 10,000 cases (RELIABILITY.md)
+    kinds = ["kxk", "1x1"] + ["1x1_kxk"] * 3 + ["1xk", "kx1"] * 2 + ["grouped"] * 3 + (
+        ["identity"] * 5 + ["bn"] * 7 + ["dw"] * 4 + ["avgpool"] * 4 if same else [])
     main = _propose_branch(r, "kxk", stride, cin, cout, r.random() < 0.85)
     target = _branch_size(main, hw)
     if min(target) < 1:
@@ -285,7 +286,7 @@ def gen_lin_affine(r: random.Random, shape: list, flags: dict):
 # op tables per domain: (generator, weight)
 # (weights chosen so that 10,000 cases draw every construct 200+ times and apply every rewrite
 # kind 500+ times: RELIABILITY.md)
-IMAGE_OPS = [(gen_conv, 6), (gen_convT, 3.5), (gen_branches, 12), (gen_chain, 2), (gen_residual, 2), (gen_cat, 2),
+IMAGE_OPS = [(gen_conv, 6), (gen_convT, 3.5), (gen_branches, 15), (gen_chain, 2), (gen_residual, 2), (gen_cat, 2),
              (gen_shared, 1), (gen_tied, 1), (gen_readtwice, 1), (gen_mutate, 3.5), (gen_flatten_fc, 3.5),
              (gen_view, 2), (gen_to_vec, 1), (gen_to_seq, 1.5), (gen_bn_only, 1), (gen_affine, 3), (gen_act, 1),
              (gen_control, 0.5)]

@@ -66,7 +66,8 @@ _PURE_FUNCTIONS = {operator.add, operator.sub, operator.mul, operator.truediv, o
     | ops.ELEMENTWISE_UNARY | {aten.view.default, aten.reshape.default, aten.unsqueeze.default,
                                aten.squeeze.dim, aten.t.default, aten.transpose.int, aten.permute.default,
                                aten.exp.default, aten.neg.default, aten.reciprocal.default, aten.sqrt.default,
-                               aten.rsqrt.default, aten.expand.default, aten.clone.default, aten.detach.default}
+                               aten.rsqrt.default, aten.expand.default, aten.clone.default, aten.detach.default,
+                               ops.pow, ops.mean, ops.cast}
 
 
 class _NotLinear(Exception):

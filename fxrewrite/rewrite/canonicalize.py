@@ -29,7 +29,7 @@ from . import ops
 from .dce import eliminate_dead_code
 from .effects import hooks_of, mutated_args
 from .report import Report
-from .shapes import infer_tensor_meta, is_tensor, tensor_shape
+from .shapes import infer_tensor_meta, is_tensor, tensor_dtype, tensor_shape
 
 aten = torch.ops.aten
 
@@ -326,6 +326,63 @@ FUNCTION_CONVERTERS.update({
     F.dropout: _dropout, aten.dropout.default: _dropout,
 })
 
+def _pow(args, kwargs):
+    """`x ** 2`, `x.pow(2)`, `torch.pow(x, 2)`: a tensor to a number's power."""
+    a = _bind(["self", "exponent"], {})(args, {("self" if k == "input" else k): v for k, v in kwargs.items()})
+    if a is None or set(a) != {"self", "exponent"} or not is_tensor(a["self"]):
+        return None
+    if isinstance(a["exponent"], bool) or not isinstance(a["exponent"], (int, float)):
+        return None
+    return ops.pow, a
+
+
+def _square(args, kwargs):
+    return _pow((args[0], 2), {}) if len(args) == 1 and not kwargs else None
+
+
+def _mean(args, kwargs):
+    """`x.mean(-1, keepdim=True)`, `torch.mean(x, dim=...)`; a mean over everything (no dim) is
+    another overload and stays as written."""
+    a = _bind(["self", "dim", "keepdim"], dict(keepdim=False))(
+        args, {("self" if k == "input" else k): v for k, v in kwargs.items()})
+    if a is None or set(a) - {"self", "dim", "keepdim", "dtype"} or not is_tensor(a["self"]):
+        return None
+    dim = a["dim"]
+    if isinstance(dim, int) and not isinstance(dim, bool):
+        dim = [dim]
+    if not (isinstance(dim, (list, tuple)) and dim and all(isinstance(d, int) for d in dim)):
+        return None
+    return ops.mean, dict(a, dim=list(dim))
+
+
+_METHOD_CASTS = {"float": torch.float32, "double": torch.float64, "half": torch.float16,
+                 "bfloat16": torch.bfloat16}
+
+
+def _cast(args, kwargs):
+    """`x.to(dtype)` / `x.to(dtype=...)` with nothing else: `aten.to.dtype`, which (like the
+    method) returns `x` itself when the dtype already matches, so aliasing is unchanged."""
+    rest = list(args[1:]) + [v for k, v in kwargs.items() if k == "dtype"]
+    if len(args) < 1 or not is_tensor(args[0]) or set(kwargs) - {"dtype"} or len(rest) != 1:
+        return None
+    if not isinstance(rest[0], torch.dtype):
+        return None
+    return ops.cast, dict(self=args[0], dtype=rest[0])
+
+
+def _type_as(args, kwargs):
+    """`x.type_as(y)` (Gemma's norm): a cast to `y`'s dtype, when the trace knows it."""
+    if len(args) != 2 or kwargs or not is_tensor(args[1]) or tensor_dtype(args[1]) is None:
+        return None
+    return _cast((args[0], tensor_dtype(args[1])), {})
+
+
+def _method_cast(dtype):
+    def convert(args, kwargs):
+        return _cast((args[0], dtype), {}) if len(args) == 1 and not kwargs else None
+    return convert
+
+
 _BINARY = {
     ops.add: [operator.add, operator.iadd, torch.add, aten.add.Tensor, aten.add_.Tensor],
     ops.sub: [operator.sub, operator.isub, torch.sub, aten.sub.Tensor, aten.sub_.Tensor],
@@ -340,7 +397,12 @@ _UNARY = {
     ops.tanh: [torch.tanh, F.tanh, aten.tanh.default],
     ops.hardswish: [F.hardswish, aten.hardswish.default, aten.hardswish_.default],
     ops.hardsigmoid: [F.hardsigmoid, aten.hardsigmoid.default, aten.hardsigmoid_.default],
+    ops.rsqrt: [torch.rsqrt, aten.rsqrt.default],
 }
+for _fn in (operator.pow, torch.pow, aten.pow.Tensor_Scalar):
+    FUNCTION_CONVERTERS[_fn] = _pow
+FUNCTION_CONVERTERS.update({torch.square: _square, aten.square.default: _square, torch.mean: _mean,
+                            aten.mean.dim: _mean, aten.to.dtype: _cast})
 for _op, _fns in _BINARY.items():
     for _fn in _fns:
         FUNCTION_CONVERTERS[_fn] = _binary(_op)
@@ -354,10 +416,12 @@ METHOD_CONVERTERS = {
     "mul": _binary(ops.mul), "mul_": _binary(ops.mul), "sub": _binary(ops.sub), "sub_": _binary(ops.sub),
     "div": _binary(ops.div), "div_": _binary(ops.div),
     "relu": _unary(ops.relu), "relu_": _unary(ops.relu), "sigmoid": _unary(ops.sigmoid),
-    "sigmoid_": _unary(ops.sigmoid), "tanh": _unary(ops.tanh),
+    "sigmoid_": _unary(ops.sigmoid), "tanh": _unary(ops.tanh), "rsqrt": _unary(ops.rsqrt),
+    "pow": _pow, "square": _square, "mean": _mean, "to": _cast, "type_as": _type_as,
+    **{name: _method_cast(dtype) for name, dtype in _METHOD_CASTS.items()},
 }
 
-_FRESH = ops.CANONICAL - {ops.to_dtype}
+_FRESH = ops.CANONICAL - ops.ALIASING - {ops.to_dtype}
 
 
 def _can_functionalize(node: fx.Node) -> bool:
@@ -386,6 +450,7 @@ def canonicalize(gm: fx.GraphModule, report: Report) -> fx.GraphModule:
     gm.meta.pop("in_place_writes", None)  # the Rewriter's list of writes is for the canonical graph
     ctx = _Ctx(gm, report)
     modules = dict(gm.named_modules())
+    _fold_trace_constants(gm.graph)
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     for node in list(gm.graph.nodes):
         mod = modules.get(node.target) if node.op == "call_module" else None
@@ -408,7 +473,7 @@ def canonicalize(gm: fx.GraphModule, report: Report) -> fx.GraphModule:
         if inplace:
             _redirect_later_readers(mutated, node, order)
     _merge_getitem_bn(gm.graph)
-    _fold_rank_checks(gm.graph)
+    _drop_noop_casts(gm.graph)
     eliminate_dead_code(gm.graph)
     return gm
 
@@ -464,6 +529,18 @@ def _merge_getitem_bn(graph: fx.Graph):
             graph.erase_node(node)
 
 
+def _drop_noop_casts(graph: fx.Graph):
+    """`x.to(x.dtype)` is `x` itself (aten.to returns its input when nothing changes), so its
+    readers read `x`: a float32 model's `x.to(torch.float32)` then hides nothing from a pass."""
+    for node in list(graph.nodes):
+        if node.op == "call_function" and node.target is ops.cast and not ops.arg(node, "copy"):
+            x = ops.arg(node, "self")
+            if ops.arg(node, "memory_format") is None and tensor_dtype(x) is not None \
+                    and tensor_dtype(x) == ops.arg(node, "dtype"):
+                node.replace_all_uses_with(x)
+                graph.erase_node(node)
+
+
 _COMPARISONS = {operator.eq, operator.ne, operator.lt, operator.le, operator.gt, operator.ge}
 
 
@@ -474,11 +551,18 @@ def _replace_with_constant(node: fx.Node, value):
     node.graph.erase_node(node)
 
 
-def _fold_rank_checks(graph: fx.Graph):
-    """`assert x.ndim == 4` (timm, torchvision) reads a tensor only for its rank, which a trace
-    fixes anyway; folding it away frees the tensor's value for passes that need it single-use."""
+def _fold_trace_constants(graph: fx.Graph):
+    """`assert x.ndim == 4` (timm, torchvision) reads a tensor only for its rank, and
+    `x.to(x.dtype)`-style code (transformers' norms) only for its dtype, which a trace fixes
+    anyway (Dynamo and torch.export specialise both): folding them to constants frees the
+    tensor's value for passes that need it single-use, and makes `x.to(dtype)` a known cast."""
     for node in list(graph.nodes):
         rank = None
+        if node.op == "call_function" and node.target is getattr and node.args[1] == "dtype":
+            dtype = tensor_dtype(node.args[0])
+            if dtype is not None:
+                _replace_with_constant(node, dtype)
+            continue
         if node.op == "call_function" and node.target is getattr and node.args[1] == "ndim":
             rank = tensor_shape(node.args[0])
         elif node.op == "call_method" and node.target in ("dim", "ndimension") and len(node.args) == 1:

@@ -18,7 +18,9 @@ import torch.nn as nn
 from torch.fx._lazy_graph_module import _LazyGraphModule
 
 from .clone import clone_inputs, copy_model, preserved_state
+from .dynamic import dynamic_shapes, report_axes
 from .effects import hooks_of
+from .mode import follow_mode, traced_mode_facts, training_ops
 from .report import Report
 from .shapes import propagate_shapes
 
@@ -125,7 +127,7 @@ def _user_frame(e: BaseException) -> str:
     return f" at {f.filename.rsplit('/', 1)[-1]}:{f.lineno} ({f.line})"
 
 
-def _disable_cache(model: nn.Module, report: Report):
+def disable_cache(model: nn.Module, report: Report):
     """transformers models return a DynamicCache by default, which export refuses."""
     config = getattr(model, "config", None)
     if config is not None and getattr(config, "use_cache", False):
@@ -159,16 +161,6 @@ def _check_model_runs(model: nn.Module, args, kwargs):
                          f"{_first_line(e)}") from e
 
 
-def _dynamic_batch(args, kwargs):
-    """Let export keep the batch axis dynamic where it can (a batch of 1 is still specialised)."""
-    def spec(a):
-        return {0: torch.export.Dim.AUTO} if isinstance(a, torch.Tensor) and a.dim() > 0 else None
-    if kwargs:
-        return {**{f"args_{i}": spec(a) for i, a in enumerate(args)}, **{k: spec(v) for k, v in kwargs.items()}} \
-            if args else {k: spec(v) for k, v in kwargs.items()}
-    return tuple(spec(a) for a in args)
-
-
 def graph_module(root: nn.Module, graph: fx.Graph, name: str) -> fx.GraphModule:
     """A GraphModule whose Python code is generated on first use rather than now: the pipeline
     rewrites the graph and generates the code once, at the end (`recompile`). Generating it for
@@ -199,43 +191,57 @@ def _keep_root_hooks(root: nn.Module, gm: fx.GraphModule, report: Report):
         report.note("capture", "model", f"the model's own hooks are kept on the result ({', '.join(moved)})")
 
 
-def capture(model: nn.Module, example_inputs, report: Report) -> fx.GraphModule:
-    """A GraphModule equivalent to `model` on inputs like `example_inputs` (model untouched)."""
+def capture(model: nn.Module, example_inputs, report: Report, dynamic=None) -> fx.GraphModule:
+    """A GraphModule equivalent to `model` on inputs like `example_inputs` (model untouched).
+    `dynamic`: which input axes a torch.export capture keeps dynamic (`dynamic_shapes`); a
+    symbolic_trace graph is shape-generic whatever it says."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"optimize expects an nn.Module, got {type(model).__name__}")
     args, kwargs = as_args(example_inputs)
     _check_arity(model, args, kwargs)
-    work = copy_model(model)
+    spec = dynamic_shapes(args, kwargs, dynamic)  # a mistake in `dynamic` fails before any tracing
     failures = []
     if not kwargs:
-        try:
-            gm = graph_module(work, _Tracer().trace(work), type(work).__name__)
-        except Exception as e:  # untraceable Python (control flow on values, HF models, ...)
-            failures.append(f"symbolic_trace failed: {_first_line(e)}{_user_frame(e)}")
-            gm = None
+        gm = _trace(model, args, report, failures)
         if gm is not None:
-            gm.training = model.training
-            try:
-                with preserved_state(gm):
-                    propagate_shapes(gm, *clone_inputs(args))
-                report.note("capture", "model", f"symbolic_trace: {len(gm.graph.nodes)} nodes")
-                _keep_root_hooks(work, gm, report)
-                gm.meta["example_inputs"] = clone_inputs((args, kwargs))  # for passes that measure
-                return gm
-            except Exception as e:
-                _check_model_runs(model, args, kwargs)
-                failures.append(f"symbolic_trace graph failed on the inputs: {_first_line(e)}")
-        work = copy_model(model)
-    _disable_cache(work, report)
+            return gm
+    work = copy_model(model)
+    disable_cache(work, report)
     try:
-        ep = torch.export.export(work, args, kwargs, strict=False, dynamic_shapes=_dynamic_batch(args, kwargs))
-        gm = ep.module()
-        gm.training = model.training
-        report.note("capture", "model", f"torch.export: {len(gm.graph.nodes)} nodes"
-                    + (f" ({failures[0]})" if failures else ""))
-        gm.meta["example_inputs"] = clone_inputs((args, kwargs))  # for passes that measure
-        return gm
+        ep = torch.export.export(work, args, kwargs, strict=False, dynamic_shapes=spec)
     except Exception as e:
         _check_model_runs(model, args, kwargs)
         failures.append(f"torch.export failed: {_first_line(e)}{_user_frame(e)}")
-    raise CaptureError(f"could not capture {type(model).__name__}:\n  " + "\n  ".join(failures))
+        raise CaptureError(f"could not capture {type(model).__name__}:\n  " + "\n  ".join(failures)) from None
+    gm = ep.module()
+    gm.training = model.training
+    report.note("capture", "model", f"torch.export: {len(gm.graph.nodes)} nodes"
+                + (f" ({failures[0]})" if failures else ""))
+    report_axes(gm, model, args, kwargs, spec, report)
+    gm.meta["example_inputs"] = clone_inputs((args, kwargs))  # for passes that measure
+    follow_mode(gm, {"route": "torch.export", "training": model.training, "ops": training_ops(gm)})
+    return gm
+
+
+def _trace(model: nn.Module, args, report: Report, failures: list) -> fx.GraphModule | None:
+    """The symbolic_trace capture, or None (with the reason in `failures`) when it fails."""
+    work = copy_model(model)
+    try:
+        gm = graph_module(work, _Tracer().trace(work), type(work).__name__)
+    except Exception as e:  # untraceable Python (control flow on values, HF models, ...)
+        failures.append(f"symbolic_trace failed: {_first_line(e)}{_user_frame(e)}")
+        return None
+    gm.training = model.training
+    try:
+        with preserved_state(gm):
+            propagate_shapes(gm, *clone_inputs(args))
+    except Exception as e:
+        _check_model_runs(model, args, {})
+        failures.append(f"symbolic_trace graph failed on the inputs: {_first_line(e)}")
+        return None
+    report.note("capture", "model", f"symbolic_trace: {len(gm.graph.nodes)} nodes, shape-generic (no input axis "
+                "is specialised; `dynamic=` only steers torch.export)")
+    _keep_root_hooks(work, gm, report)
+    gm.meta["example_inputs"] = clone_inputs((args, {}))  # for passes that measure
+    follow_mode(gm, traced_mode_facts(work, gm))
+    return gm

@@ -1,7 +1,9 @@
-"""Lift decomposed RMSNorms back into one canonical `aten.rms_norm`.
+"""Lift written-out RMSNorms back into one canonical `aten.rms_norm`.
 
-transformers' RMSNorm modules (LLaMA, Qwen2, Mistral, ...) are written out in Python, so
-`torch.export` records them as a chain of elementwise ops:
+transformers' RMSNorm modules (LLaMA, Qwen2, Mistral, T5, Gemma, ...) and hand-written ones
+are Python arithmetic, so every capture route records a chain of elementwise ops, which the
+canonicaliser turns into one spelling whatever the route (`x.pow(2)`, `x ** 2`, `torch.pow`
+-> `aten.pow`; `x.to(dtype)`, `x.float()` -> `aten.to.dtype`; ...):
 
     xf = x.to(float32)                                  (absent, or a no-op, for float32 models)
     r  = rsqrt(mean(pow(xf, 2), dim=[-1], keepdim=True) + eps)
@@ -11,13 +13,14 @@ which is RMSNorm(xf; weight, eps) over the last dim. Lifting it into `aten.rms_n
 norm passes (DyT swap, kernel lowering) see it. Exactness: aten.rms_norm computes the same
 x * rsqrt(mean(x^2) + eps) * weight; when the casts are real (a bf16 model computing the norm in
 float32) the casts and the weight multiply are kept as they are and only the normalisation
-`xf * r` becomes `rms_norm(xf, weight=None)`, so the rounding steps are unchanged.
+`xf * r` becomes `rms_norm(xf, weight=None)`, so the rounding steps are unchanged. T5 squares a
+float32 copy but multiplies the tensor itself (`x * rsqrt(mean(x.to(f32) ** 2) + eps)`): lifted
+when that copy is a no-op (the same dtype), left otherwise.
 
 Partly handled: Gemma's `(1 + weight)` scale is not a weight the norm can take, so only the
 normalisation is lifted and the scale stays as written (exact). Not handled (left decomposed,
-nothing breaks): norms over several dims, or a chain whose intermediate values are read
-elsewhere. Only the `torch.export` spelling (ATen `pow`/`mean`/`rsqrt`) is matched today: the
-same norm traced by `symbolic_trace` or Dynamo keeps `x.pow(2).mean(...)` as written.
+nothing breaks): norms over several dims, a chain whose intermediate values are read elsewhere,
+and `x / sqrt(...)` spellings (rsqrt rounds differently, so that lift would not be exact).
 
 Run as the exact pass "lift_norms" (`LIFT_NORMS`), before the norm swaps and the Triton
 lowering (the pipeline adds it before the lowering).
@@ -33,7 +36,7 @@ from .passmanager import Pass
 from .rewriter import Rewriter
 
 aten = torch.ops.aten
-_CASTS = {aten.to.dtype, aten.to.dtype_layout, aten._to_copy.default}
+_CASTS = {ops.cast, ops.to_dtype}
 
 
 def _is(n, target) -> bool:
@@ -53,24 +56,38 @@ def _other(mul: fx.Node, one) -> object:
 def _match(r: fx.Node):
     """From an rsqrt node, the pieces of a decomposed RMSNorm, or None."""
     add = r.args[0]
-    if not (_is(add, ops.add) and isinstance(add.args[1], (int, float)) and len(add.users) == 1):
+    if not (_is(add, ops.add) and isinstance(add.args[1], (int, float)) and len(add.users) == 1
+            and ops.arg(add, "alpha") in (None, 1)):
         return None
     mean = add.args[0]
-    if not (_is(mean, aten.mean.dim) and len(mean.users) == 1):
+    if not (_is(mean, ops.mean) and len(mean.users) == 1):
         return None
-    dims, keep = mean.args[1], (mean.args[2] if len(mean.args) > 2 else mean.kwargs.get("keepdim", False))
-    pw = mean.args[0]
-    if not (_is(pw, aten.pow.Tensor_Scalar) and pw.args[1] == 2 and len(pw.users) == 1 and keep):
+    dims, keep = ops.arg(mean, "dim"), ops.arg(mean, "keepdim")
+    pw = ops.arg(mean, "self")
+    if not (_is(pw, ops.pow) and ops.arg(pw, "exponent") == 2 and len(pw.users) == 1 and keep
+            and ops.arg(mean, "dtype") is None):
         return None
-    xf = pw.args[0]
+    xf = ops.arg(pw, "self")
     shape = tensor_shape(xf)
     if shape is None or list(dims) not in ([-1], [len(shape) - 1]):
         return None
     users = _value_users(r)
-    if len(users) != 1 or not _is(users[0], ops.mul) or _other(users[0], r) is not xf:
+    if len(users) != 1 or not _is(users[0], ops.mul) or not _same_value(_other(users[0], r), xf):
         return None
     norm = users[0]
-    return xf, float(add.args[1]), norm, [pw, mean, add, r], shape[-1]
+    return _other(norm, r), float(add.args[1]), norm, [pw, mean, add, r], shape[-1]
+
+
+def _same_value(a, b) -> bool:
+    """`a` is `b`, or one of them is a cast of the other to the dtype it already has (T5 squares
+    `x.to(float32)` but scales `x`; for a float32 model that cast is `x` itself)."""
+    if a is b:
+        return True
+    for cast, base in ((a, b), (b, a)):
+        if (isinstance(cast, fx.Node) and cast.target in _CASTS and cast.args and cast.args[0] is base
+                and tensor_dtype(cast) is not None and tensor_dtype(cast) == tensor_dtype(base)):
+            return True
+    return False
 
 
 def _weight_after(norm: fx.Node, d: int):
@@ -92,7 +109,7 @@ def lift_decomposed_norms(rw: Rewriter) -> int:
     """Replace decomposed RMSNorm chains by `aten.rms_norm`; returns how many were lifted."""
     graph, count = rw.graph, 0
     for r in list(graph.nodes):
-        if not _is(r, aten.rsqrt.default) or r.graph is None:
+        if not _is(r, ops.rsqrt) or r.graph is None:
             continue
         found = _match(r)
         if found is None:

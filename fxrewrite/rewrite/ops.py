@@ -38,12 +38,19 @@ hardsigmoid = aten.hardsigmoid.default
 relu6 = aten.hardtanh.default  # relu6 is hardtanh(0, 6)
 avg_pool2d = aten.avg_pool2d.default
 pad = aten.pad.default  # self, pad, mode, value
-to_dtype = aten._to_copy.default  # self, *, dtype, ...
+to_dtype = aten._to_copy.default  # self, *, dtype, ...  (always a copy)
+cast = aten.to.dtype  # self, dtype, non_blocking, copy, memory_format  (x.to(dtype): may return x itself)
+pow = aten.pow.Tensor_Scalar  # self, exponent  (a tensor to a number's power)
+mean = aten.mean.dim  # self, dim, keepdim, *, dtype
+rsqrt = aten.rsqrt.default  # self
 
+# written-out norms (x.pow(2).mean(-1, keepdim=True), torch.rsqrt, x.to(torch.float32)) arrive in
+# these spellings on every capture route, so `lift_norms` is written once
 CANONICAL = {
     conv, batch_norm, linear, layer_norm, rms_norm, add, sub, mul, div, relu, gelu, silu,
-    sigmoid, tanh, hardswish, hardsigmoid, relu6, avg_pool2d, pad, to_dtype,
+    sigmoid, tanh, hardswish, hardsigmoid, relu6, avg_pool2d, pad, to_dtype, cast, pow, mean, rsqrt,
 }
+ALIASING = {cast}  # canonical ops whose result can be their input itself
 
 ELEMENTWISE_UNARY = {relu, gelu, silu, sigmoid, tanh, hardswish, hardsigmoid, relu6}
 ELEMENTWISE_BINARY = {add, sub, mul, div}

@@ -22,7 +22,7 @@ from .attrs import fetch_attr
 from .dce import eliminate_dead_code, erase_dead_inputs
 from .effects import moved_read, mutated_args, mutations
 from .report import Report
-from .shapes import infer_tensor_meta
+from .shapes import infer_tensor_meta, row_major_strides
 
 
 @dataclass
@@ -38,7 +38,8 @@ class Derivation:
 def _contiguous(fn: Callable) -> Callable:
     """`fn` whose result is made contiguous (the recorded derivation, so replays agree too)."""
     def derive(*values):
-        return fn(*values).contiguous()
+        t = fn(*values)
+        return t if t.stride() == row_major_strides(t.shape) else t.clone(memory_format=torch.contiguous_format)
     derive.__wrapped__ = fn
     return derive
 

@@ -168,3 +168,14 @@ def infer_tensor_meta(node: fx.Node) -> None:
         return
     if isinstance(value, torch.Tensor):
         node.meta["tensor_meta"] = tensor_metadata(value)
+
+
+def row_major_strides(shape) -> tuple:
+    """The strides of a fresh tensor of `shape`. `is_contiguous()` also accepts other strides
+    where a dim has size 1 (a 1x1 conv weight's (16, 1, 16, 16)), which oneDNN and torch.export
+    read as channels-last."""
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= max(size, 1)
+    return tuple(reversed(strides))
