@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 
 from .rewrite.capture import as_args, disable_cache, recompile
-from .rewrite.dynamic import is_token_tensor
+from .rewrite.dynamic import batch_of_two, is_token_tensor
 from .rewrite.report import Report
 from .rewrite.shapes import row_major_strides
 from .rewrite.verify import VerificationError, VerifyResult, compare, flatten_outputs
@@ -155,7 +155,7 @@ def export_onnx(model: nn.Module, example_inputs, path: str | os.PathLike, opset
     try:
         view = _export_view(model)
         if dynamic:
-            args, kwargs = _batch_of_two(view, args, kwargs)
+            args, kwargs = batch_of_two(view, args, kwargs, dynamic) or (args, kwargs)
         _export(view, args, kwargs, path, opset, dynamic, external)
     except Exception as e:
         raise OnnxExportError(f"torch.onnx.export failed for {type(model).__name__}: {_summary(e)}") from e
@@ -182,24 +182,6 @@ def _symbolic_axes(proto) -> tuple[bool, bool]:
     tokens = [v for v in inputs if len(v.type.tensor_type.shape.dim) >= 2
               and tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).kind in "iu"]
     return all(symbolic(v, 0) for v in inputs), bool(tokens) and all(symbolic(v, 1) for v in tokens)
-
-
-def _batch_of_two(model, args, kwargs):
-    """Examples of batch 1 repeated to batch 2, when the model runs on them. Tracing at batch 1
-    lets code such as `if batch != position_ids.shape[0]` (transformers' masks) fix the batch
-    at 1 even for a dynamic export; at batch 2 nothing can be mistaken for a broadcast."""
-    def two(v):
-        return v.repeat(2, *[1] * (v.dim() - 1)) if isinstance(v, torch.Tensor) and v.dim() > 0 else v
-    tensors = [t for t in _flat_inputs(args, kwargs) if t.dim() > 0]
-    if not tensors or any(t.shape[0] != 1 for t in tensors):
-        return args, kwargs
-    args2, kwargs2 = tuple(two(a) for a in args), {k: two(v) for k, v in kwargs.items()}
-    try:
-        with torch.no_grad(), torch.random.fork_rng(devices=[]):
-            model(*args2, **kwargs2)
-    except Exception:  # a graph captured at batch 1: export it as it is
-        return args, kwargs
-    return args2, kwargs2
 
 
 def _export(model, args, kwargs, path, opset, dynamic, external):

@@ -18,7 +18,7 @@ import torch.nn as nn
 from torch.fx._lazy_graph_module import _LazyGraphModule
 
 from .clone import clone_inputs, copy_model, preserved_state
-from .dynamic import dynamic_shapes, report_axes
+from .dynamic import batch_of_two, dynamic_shapes, report_axes
 from .effects import hooks_of
 from .mode import follow_mode, traced_mode_facts, training_ops
 from .report import Report
@@ -207,8 +207,13 @@ def capture(model: nn.Module, example_inputs, report: Report, dynamic=None) -> f
             return gm
     work = copy_model(model)
     disable_cache(work, report)
+    traced = batch_of_two(work, args, kwargs, spec) if spec else None
+    if traced is not None:
+        report.note("capture", "shapes", "traced at batch 2 (the batch-1 examples repeated): export would fix a "
+                    "batch of 1")
+    t_args, t_kwargs = traced or (args, kwargs)
     try:
-        ep = torch.export.export(work, args, kwargs, strict=False, dynamic_shapes=spec)
+        ep = torch.export.export(work, t_args, t_kwargs, strict=False, dynamic_shapes=spec)
     except Exception as e:
         _check_model_runs(model, args, kwargs)
         failures.append(f"torch.export failed: {_first_line(e)}{_user_frame(e)}")
@@ -217,7 +222,7 @@ def capture(model: nn.Module, example_inputs, report: Report, dynamic=None) -> f
     gm.training = model.training
     report.note("capture", "model", f"torch.export: {len(gm.graph.nodes)} nodes"
                 + (f" ({failures[0]})" if failures else ""))
-    report_axes(gm, model, args, kwargs, spec, report)
+    report_axes(gm, model, t_args, t_kwargs, spec, report)
     gm.meta["example_inputs"] = clone_inputs((args, kwargs))  # for passes that measure
     follow_mode(gm, {"route": "torch.export", "training": model.training, "ops": training_ops(gm)})
     return gm

@@ -15,6 +15,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from .clone import preserved_state
 from .report import Report
 
 
@@ -109,3 +110,26 @@ def report_axes(gm: fx.GraphModule, model: nn.Module, args, kwargs, spec, report
                          + ("dynamic=False)" if spec is None else "dynamic= changes that)"))
         shape = ", ".join(str(d) for d in sizes)
         report.note("capture", "shapes", f"{node.target} [{shape}]: " + "; ".join(parts))
+
+
+def batch_of_two(model: nn.Module, args, kwargs, spec) -> tuple[tuple, dict] | None:
+    """Examples of batch 1 repeated to batch 2, when `spec` asks for a dynamic batch and the model
+    runs on them (checked on `model`, leaving its buffers and the RNG as they were); else None.
+    export specialises a size of 1, and at batch 1 code like transformers' `if batch !=
+    position_ids.shape[0]` would fix the batch even if it did not; a graph traced at batch 2 with
+    a symbolic batch still runs at batch 1."""
+    inputs = list(args) + list(kwargs.values())
+    specs = list(spec) if isinstance(spec, tuple) else list(spec.values()) if isinstance(spec, dict) else []
+    tensors = [(t, sp) for t, sp in zip(inputs, specs) if isinstance(t, torch.Tensor) and t.dim() > 0]
+    if not tensors or any(t.shape[0] != 1 or not sp or 0 not in sp for t, sp in tensors):
+        return None
+
+    def two(v):
+        return v.repeat(2, *[1] * (v.dim() - 1)) if isinstance(v, torch.Tensor) and v.dim() > 0 else v
+    args2, kwargs2 = tuple(two(a) for a in args), {k: two(v) for k, v in kwargs.items()}
+    try:
+        with torch.no_grad(), preserved_state(model):
+            model(*args2, **kwargs2)
+    except Exception:  # the model only runs at batch 1: export it there
+        return None
+    return args2, kwargs2
