@@ -9,6 +9,7 @@ proves that the kernel (not the eager fallback) produced each result.
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 import torch
@@ -119,6 +120,8 @@ def test_caches_stay_bounded_over_many_shapes(monkeypatch, launches):
         assert len(runtime._LAUNCHES) <= bound and len(runtime._KERNELS) <= bound
     assert len(launches) == 61
     assert len(runtime._KERNELS) == bound  # 20 kernels were built: the bound really evicted
+    loaded = [name for name in sys.modules if name.startswith("fxrewrite_kernels.")]
+    assert len(loaded) <= bound, loaded  # evicted kernels' modules are unloaded too
 
 
 def test_language_model_over_50_sequence_lengths_keeps_caches_bounded(monkeypatch, launches):

@@ -175,10 +175,12 @@ CACHE_SIZE = 256  # entries kept by each in-process cache (kernels, launch plans
 
 
 class LRU:
-    """A thread-safe map that keeps its `maxsize` most recently used entries (None: absent)."""
+    """A thread-safe map that keeps its `maxsize` most recently used entries (None: absent).
+    `on_evict(key, value)` runs for each entry pushed out."""
 
-    def __init__(self, maxsize: int):
+    def __init__(self, maxsize: int, on_evict=None):
         self.maxsize = maxsize
+        self.on_evict = on_evict
         self._d: OrderedDict = OrderedDict()
         self._lock = threading.Lock()
 
@@ -190,11 +192,15 @@ class LRU:
             return value
 
     def put(self, key, value) -> None:
+        evicted = []
         with self._lock:
             self._d[key] = value
             self._d.move_to_end(key)
             while len(self._d) > self.maxsize:
-                self._d.popitem(last=False)
+                evicted.append(self._d.popitem(last=False))
+        for old_key, old_value in evicted:
+            if self.on_evict is not None:
+                self.on_evict(old_key, old_value)
 
     def clear(self) -> None:
         with self._lock:
@@ -208,7 +214,14 @@ class LRU:
         return len(self._d)
 
 
-_KERNELS = LRU(CACHE_SIZE)
+def _unload(key, kernel) -> None:
+    """An evicted kernel's module leaves `sys.modules` too (a model fed many shapes would
+    otherwise keep every kernel it ever built)."""
+    sys.modules.pop(_KERNEL_MODULES.pop(key, ""), None)
+
+
+_KERNEL_MODULES: dict[str, str] = {}  # kernel cache key -> the name of the module it was loaded as
+_KERNELS = LRU(CACHE_SIZE, on_evict=_unload)
 
 
 def cache_dir() -> Path:
@@ -246,6 +259,7 @@ def get_kernel(spec_text: str, launch: emit.Launch):
     sys.modules[modname] = module
     mod_spec.loader.exec_module(module)
     fn = getattr(module, name)
+    _KERNEL_MODULES[key] = modname
     _KERNELS.put(key, fn)
     return fn
 
