@@ -180,7 +180,7 @@ def _symbolic_axes(proto) -> tuple[bool, bool]:
         return len(dims) > axis and not dims[axis].dim_value
     inputs = [v for v in proto.graph.input if len(v.type.tensor_type.shape.dim) > 0]
     tokens = [v for v in inputs if len(v.type.tensor_type.shape.dim) >= 2
-              and tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).kind in "iu"]
+              and tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).kind in "iub"]  # as is_token_tensor
     return all(symbolic(v, 0) for v in inputs), bool(tokens) and all(symbolic(v, 1) for v in tokens)
 
 
@@ -202,11 +202,12 @@ def _export(model, args, kwargs, path, opset, dynamic, external):
 
 def _optimize_onnx(model, opset: int):
     """What torch.onnx's own `optimize=True` does (onnxscript's constant folding and clean-up,
-    then its opset-23 fusions), less the RotaryEmbedding fusion: its cos/sin cache is built for
-    the traced batch, and onnxruntime rejects the file at any dynamic sequence length
-    ("cos_cache ... expected to have the same shape as input 'x', got 1 and 8", transformers'
-    Llama at opset 23). RMSNormalization is fused when this onnxscript has the rule; without it
-    the norm stays as Pow/ReduceMean/Sqrt/Div, which computes the same."""
+    then its opset-23 fusions), keeping only the RMSNormalization fusion. Its RotaryEmbedding
+    fusion builds a cos/sin cache for the traced batch, which onnxruntime rejects at any dynamic
+    sequence length ("cos_cache ... expected to have the same shape as input 'x', got 1 and 8",
+    transformers' Llama at opset 23); its GQA fusion builds on that one, so it goes too. Without
+    the RMSNormalization rule in this onnxscript the norm stays as Pow/ReduceMean/Sqrt/Div, which
+    computes the same."""
     import onnxscript.optimizer
     onnxscript.optimizer.optimize_ir(model)
     if opset < 23:

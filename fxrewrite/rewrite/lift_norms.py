@@ -15,7 +15,8 @@ x * rsqrt(mean(x^2) + eps) * weight; when the casts are real (a bf16 model compu
 float32) the casts and the weight multiply are kept as they are and only the normalisation
 `xf * r` becomes `rms_norm(xf, weight=None)`, so the rounding steps are unchanged. T5 squares a
 float32 copy but multiplies the tensor itself (`x * rsqrt(mean(x.to(f32) ** 2) + eps)`): lifted
-when that copy is a no-op (the same dtype), left otherwise.
+when that copy is a no-op (canonicalisation drops a cast to the dtype a value already has, so
+both read `x`), left otherwise.
 
 Partly handled: Gemma's `(1 + weight)` scale is not a weight the norm can take, so only the
 normalisation is lifted and the scale stays as written (exact). Not handled (left decomposed,
@@ -72,22 +73,11 @@ def _match(r: fx.Node):
     if shape is None or list(dims) not in ([-1], [len(shape) - 1]):
         return None
     users = _value_users(r)
-    if len(users) != 1 or not _is(users[0], ops.mul) or not _same_value(_other(users[0], r), xf):
+    if len(users) != 1 or not _is(users[0], ops.mul) or _other(users[0], r) is not xf:
         return None
     norm = users[0]
-    return _other(norm, r), float(add.args[1]), norm, [pw, mean, add, r], shape[-1]
+    return xf, float(add.args[1]), norm, [pw, mean, add, r], shape[-1]
 
-
-def _same_value(a, b) -> bool:
-    """`a` is `b`, or one of them is a cast of the other to the dtype it already has (T5 squares
-    `x.to(float32)` but scales `x`; for a float32 model that cast is `x` itself)."""
-    if a is b:
-        return True
-    for cast, base in ((a, b), (b, a)):
-        if (isinstance(cast, fx.Node) and cast.target in _CASTS and cast.args and cast.args[0] is base
-                and tensor_dtype(cast) is not None and tensor_dtype(cast) == tensor_dtype(base)):
-            return True
-    return False
 
 
 def _weight_after(norm: fx.Node, d: int):
