@@ -133,17 +133,27 @@ def test_hooks_on_the_model_itself_are_kept():
 
 # ---------------------------------------------------------------- parametrized weights
 
-def test_parametrized_weight_norm_conv_is_kept_as_a_module_with_a_reason():
+def test_parametrized_weight_norm_conv_becomes_a_conv_with_its_weight_folded():
     model = nn.Sequential(weight_norm(nn.Conv2d(4, 4, 3)), nn.ReLU()).eval()
     fast = optimize(model, torch.randn(1, 4, 8, 8))
     _fresh_check(model, fast, (1, 4, 8, 8))
-    assert any("parametrization" in r.detail for r in fast.report.skipped("canonicalize"))
+    assert fast.report.count("fold_constants") == 1
+    assert not [n for n in fast.graph.nodes if n.op == "call_module"]
 
 
-def test_legacy_weight_norm_is_copied_and_kept():
+def test_legacy_weight_norm_hook_becomes_its_computation():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         conv = torch.nn.utils.weight_norm(nn.Conv2d(4, 4, 3))
+    model = nn.Sequential(conv, nn.ReLU()).eval()
+    fast = optimize(model, torch.randn(1, 4, 8, 8))
+    _fresh_check(model, fast, (1, 4, 8, 8))
+    assert fast.report.count("fold_constants") == 1
+
+
+def test_a_users_own_pre_hook_keeps_the_module_a_call():
+    conv = nn.Conv2d(4, 4, 3)
+    conv.register_forward_pre_hook(lambda mod, args: (args[0] * 2,))
     model = nn.Sequential(conv, nn.ReLU()).eval()
     fast = optimize(model, torch.randn(1, 4, 8, 8))
     _fresh_check(model, fast, (1, 4, 8, 8))

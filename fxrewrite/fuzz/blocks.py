@@ -317,11 +317,74 @@ def apply_to_seq(mods, spec, x):
 
 
 def build_bn_only(spec, shape):
-    return nn.ModuleDict({"bn": bn_for(len(shape) - 2, shape[1])})
+    mods = {"bn": bn_for(len(shape) - 2, shape[1])}
+    if spec.get("ssf"):  # SSF: a learned per-channel scale and shift after the norm
+        mods["ssf"] = Affine(shape[1], True, False, 1, len(shape))
+    return nn.ModuleDict(mods)
 
 
 def apply_bn_only(mods, spec, x):
-    return mods["bn"](x)
+    y = mods["bn"](x)
+    return mods["ssf"](y) if "ssf" in mods else y
+
+
+class ComputedWeightConv(nn.Module):
+    """A conv whose forward computes its weight from parameters (`ws_conv` block)."""
+
+    def __init__(self, dim: int, cin: int, cout: int, k: int, how: str, bias: bool):
+        super().__init__()
+        self.conv, self.how = CONV[dim](cin, cout, k, padding=k // 2, bias=bias), how
+        fan_in = cin * k ** dim
+        if how == "scaled":
+            self.gain = nn.Parameter(torch.empty(cout, *[1] * (dim + 1)).uniform_(0.5, 1.5))
+            self.scale = fan_in ** -0.5
+        if how == "lora":
+            self.lora_a = nn.Parameter(torch.randn(2, fan_in) * 0.3)
+            self.lora_b = nn.Parameter(torch.randn(cout, 2) * 0.3)
+
+    def weight(self):
+        w = self.conv.weight
+        if self.how == "lora":
+            return w + (self.lora_b @ self.lora_a).reshape_as(w) * 0.5
+        gain = (self.gain * self.scale).view(-1) if self.how == "scaled" else None
+        return F.batch_norm(w.reshape(1, w.shape[0], -1), None, None, weight=gain, training=True, momentum=0.0,
+                            eps=1e-5).reshape_as(w)
+
+    def forward(self, x):
+        return self.conv._conv_forward(x, self.weight(), self.conv.bias)
+
+
+def build_ws_conv(spec, shape):
+    dim, mods = len(shape) - 2, {}
+    mods["conv"] = ComputedWeightConv(dim, shape[1], spec["cout"], spec["k"], spec["how"], spec["bias"])
+    post_modules(spec, mods, dim, spec["cout"])
+    return nn.ModuleDict(mods)
+
+
+def apply_ws_conv(mods, spec, x):
+    return post(mods, spec, mods["conv"](x))
+
+
+def build_bn_view(spec, shape):
+    return nn.ModuleDict({"conv": CONV[len(shape) - 2](shape[1], spec["cout"], 1),
+                          "bn": randomize_bn(nn.BatchNorm1d(spec["cout"]))})
+
+
+def apply_bn_view(mods, spec, x):
+    y = mods["conv"](x)
+    return mods["bn"](y.flatten(2)).reshape(y.shape)
+
+
+def build_lin_bn_view(spec, shape):
+    return nn.ModuleDict({"linear": nn.Linear(shape[-1], spec["out"]),
+                          "bn": randomize_bn(nn.BatchNorm1d(spec["out"]))})
+
+
+def apply_lin_bn_view(mods, spec, x):
+    y = mods["linear"](x)
+    if spec["how"] == "flatten":
+        return mods["bn"](y.flatten(0, 1)).reshape(y.shape)
+    return mods["bn"](y.transpose(1, 2)).transpose(1, 2)
 
 
 # ------------------------------------------------------------------ any domain
@@ -387,6 +450,9 @@ def build_lora(spec, shape):
 
 
 def apply_lora(mods, spec, x):
+    if spec.get("merged"):
+        w = mods["linear"].weight + (mods["lora_b"].weight @ mods["lora_a"].weight) * spec["s"]
+        return F.linear(x, w, mods["linear"].bias)
     return mods["linear"](x) + mods["lora_b"](mods["lora_a"](x)) * spec["s"]
 
 
@@ -396,12 +462,15 @@ def build_layernorm(spec, shape):
         ln.weight.uniform_(0.5, 1.5)
         ln.bias.uniform_(-0.5, 0.5)
     mods = {"ln": ln}
+    if spec.get("ssf"):
+        mods["ssf"] = Affine(shape[-1], True, False, -1)
     act_modules(spec, mods)
     return nn.ModuleDict(mods)
 
 
 def apply_layernorm(mods, spec, x):
-    return activate(mods, spec, mods["ln"](x))
+    y = mods["ln"](x)
+    return activate(mods, spec, mods["ssf"](y) if "ssf" in mods else y)
 
 
 def _none(spec, shape):
@@ -409,7 +478,8 @@ def _none(spec, shape):
 
 
 _KINDS = ["conv", "branches", "chain", "residual", "cat", "shared", "tied", "readtwice", "mutate", "flatten_fc",
-          "view", "to_vec", "to_seq", "bn_only", "affine", "act", "control", "linear", "linchain", "lora", "layernorm"]
+          "view", "to_vec", "to_seq", "bn_only", "affine", "act", "control", "linear", "linchain", "lora", "layernorm",
+          "ws_conv", "bn_view", "lin_bn_view"]
 _NO_MODULES = {"view", "to_seq", "control"}  # blocks with a forward and nothing to build
 
 BUILD = {k: _none if k in _NO_MODULES else globals()[f"build_{k}"] for k in _KINDS}

@@ -47,11 +47,14 @@ def block_constructs(spec: dict, rank: int, index: int) -> set[str]:
         out |= {"branch:with_bn" for b in spec["branches"] if b.get("bn")}
         out |= {"branch:unmergeable_geometry" for b in spec["branches"][1:] if _unaligned(b, stride)}
         out |= {"avgpool:count_include_pad=False" for b in spec["branches"] if b["kind"] == "avgpool" and not b["cip"]}
-    variant = {"residual": "add", "mutate": "how", "view": "how", "affine": "kind", "cat": "with_input", "chain": "pad"}
+    variant = {"residual": "add", "mutate": "how", "view": "how", "affine": "kind", "cat": "with_input", "chain": "pad",
+               "ws_conv": "how", "lin_bn_view": "how"}
     if op in variant:
         out.add(f"{op}:{spec[variant[op]]}")
     if op == "mutate":
         out |= {f"mutate:{spec['when']}"} | ({"mutate:model_input"} if index == 0 else set())
+    out |= {f"{op}:ssf"} if spec.get("ssf") else set()
+    out |= {"lora:merged_in_forward"} if op == "lora" and spec.get("merged") else set()
     if op == "linear":
         out |= {f"linear:rank{rank}"} | ({f"linear+bn1d:rank{rank}"} if spec.get("bn") else set())
     if spec.get("act"):

@@ -164,7 +164,31 @@ def gen_to_seq(r: random.Random, shape: list, flags: dict):
 
 
 def gen_bn_only(r: random.Random, shape: list, flags: dict):
-    return _act(r, {"op": "bn_only"}, 0.7), list(shape)
+    return _act(r, {"op": "bn_only", "ssf": r.random() < 0.4}, 0.7), list(shape)
+
+
+def gen_ws_conv(r: random.Random, shape: list, flags: dict):
+    """A conv whose weight its forward computes: BiT's weight standardisation, NF-Nets' scaled
+    WS with a gain, or a LoRA update merged into the kernel."""
+    k = r.choice([1, 3])
+    spec = {"op": "ws_conv", "cout": _channels(r), "k": k, "how": r.choice(["std", "scaled", "lora"]),
+            "bias": r.random() < 0.5, "bn": r.random() < 0.4}
+    return _act(r, spec, 0.3), [shape[0], spec["cout"]] + list(shape[2:])
+
+
+def gen_bn_view(r: random.Random, shape: list, flags: dict):
+    """A conv, its output flattened to (N, C, L), a BatchNorm1d, and the shape put back (LeViT
+    style BN behind a view)."""
+    spec = {"op": "bn_view", "cout": _channels(r)}
+    return spec, [shape[0], spec["cout"]] + list(shape[2:])
+
+
+def gen_lin_bn_view(r: random.Random, shape: list, flags: dict):
+    """(N, L, F) linear, then BatchNorm1d over the features behind `flatten(0, 1)` or a transpose."""
+    if len(shape) != 3:
+        return None
+    spec = {"op": "lin_bn_view", "out": _channels(r), "how": r.choice(["flatten", "transpose"])}
+    return spec, shape[:-1] + [spec["out"]]
 
 
 def gen_affine(r: random.Random, shape: list, flags: dict):
@@ -266,12 +290,13 @@ def gen_linchain(r: random.Random, shape: list, flags: dict):
 
 
 def gen_lora(r: random.Random, shape: list, flags: dict):
-    spec = {"op": "lora", "out": _channels(r), "rank": r.randint(1, 3), "s": r.choice([0.5, 2.0])}
+    spec = {"op": "lora", "out": _channels(r), "rank": r.randint(1, 3), "s": r.choice([0.5, 2.0]),
+            "merged": r.random() < 0.4}  # merged: W + B A s computed in forward
     return spec, shape[:-1] + [spec["out"]]
 
 
 def gen_layernorm(r: random.Random, shape: list, flags: dict):
-    return _act(r, {"op": "layernorm"}, 0.6), list(shape)
+    return _act(r, {"op": "layernorm", "ssf": r.random() < 0.4}, 0.6), list(shape)
 
 
 def gen_lin_residual(r: random.Random, shape: list, flags: dict):
@@ -289,9 +314,9 @@ def gen_lin_affine(r: random.Random, shape: list, flags: dict):
 IMAGE_OPS = [(gen_conv, 6), (gen_convT, 3.5), (gen_branches, 15), (gen_chain, 2), (gen_residual, 2), (gen_cat, 2),
              (gen_shared, 1), (gen_tied, 1), (gen_readtwice, 1), (gen_mutate, 3.5), (gen_flatten_fc, 3.5),
              (gen_view, 2), (gen_to_vec, 1), (gen_to_seq, 1.5), (gen_bn_only, 1), (gen_affine, 3), (gen_act, 1),
-             (gen_control, 0.5)]
+             (gen_control, 0.5), (gen_ws_conv, 2), (gen_bn_view, 1.5)]
 LINEAR_OPS = [(gen_linear, 5), (gen_linchain, 2), (gen_lora, 2), (gen_layernorm, 1.5), (gen_lin_residual, 1),
-              (gen_lin_affine, 2), (gen_act, 1), (gen_control, 0.5)]
+              (gen_lin_affine, 2), (gen_act, 1), (gen_control, 0.5), (gen_lin_bn_view, 1.5)]
 
 
 def _input(r: random.Random) -> tuple[str, list]:

@@ -10,7 +10,7 @@ import warnings
 import torch
 import torch.nn as nn
 
-from .blocks import APPLY, BUILD, GrammarError
+from .blocks import APPLY, BUILD, ComputedWeightConv, GrammarError
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
 INPUT_STREAMS = {"example": 1, "fresh": 2, "fresh2": 3}
@@ -79,7 +79,10 @@ def halve_input(module, args):
 
 def _add_extras(model: nn.Module, program: dict):
     """Train mode, weight norm, hooks: applied to the built model, picked by index modulo count."""
-    convs = _leaves(model, (nn.Conv1d, nn.Conv2d, nn.Conv3d))
+    # (a conv whose weight a `ws_conv` block reads without calling it would keep the weight its
+    # weight_norm hook computed once: not what weight norm on a conv means)
+    inner = {id(m.conv) for m in model.modules() if isinstance(m, ComputedWeightConv)}
+    convs = [c for c in _leaves(model, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) if id(c) not in inner]
     for wn in program.get("weight_norm", []):
         if convs:
             conv = convs[wn["conv"] % len(convs)]

@@ -13,21 +13,27 @@ from ..rewrite.passmanager import Pass
 
 from .batchnorm import BATCHNORM_FOLDING
 from .cleanup import IDENTITY_REMOVAL
+from .constants import FOLD_CONSTANTS
 from .inplace import INPLACE
 from .layout import CHANNELS_LAST
+from .norm_affine import FOLD_NORM_AFFINE, FOLD_SCALE_SHIFT
 from .prenorm import PRENORM_RMSNORM
 from .reparam import STRUCTURAL_REPARAM
 from .swaps import LAYERNORM_TO_RMSNORM, NORM_TO_DYT, RELU_TO_GENERALIZED_SMELU, RELU_TO_SMELU
 
 REGISTRY: dict[str, Pass] = {p.name: p for p in [
-    IDENTITY_REMOVAL, BATCHNORM_FOLDING, STRUCTURAL_REPARAM, LIFT_NORMS, PRENORM_RMSNORM,
+    IDENTITY_REMOVAL, FOLD_CONSTANTS, FOLD_SCALE_SHIFT, BATCHNORM_FOLDING, STRUCTURAL_REPARAM, LIFT_NORMS,
+    FOLD_NORM_AFFINE, PRENORM_RMSNORM,
     RELU_TO_SMELU, RELU_TO_GENERALIZED_SMELU, LAYERNORM_TO_RMSNORM, NORM_TO_DYT,
 ]}
 
-DEFAULT: list[str] = ["remove_identity", "fold_batchnorm", "merge_branches"]
+DEFAULT: list[str] = ["remove_identity", "fold_constants", "fold_scale_shift", "fold_batchnorm", "merge_branches"]
 
 PRESETS: dict[str, list[str]] = {
     "exact": DEFAULT,
+    # before quantisation: norms lose their affine to the linears that read them (exact, but
+    # the checkpoint's structure changes and tied weights become copies: opt-in)
+    "quantize_prep": DEFAULT + ["lift_norms", "fold_norm_affine"],
     "swap_dyt": ["lift_norms", "norm_to_dyt"],
     "swap_smelu": ["relu_to_smelu"],
     "swap_rmsnorm": ["layernorm_to_rmsnorm"],

@@ -369,7 +369,7 @@ def _per_channel(v, n: int, rank: int, domain: str, what: str) -> torch.Tensor:
     """A constant broadcast against the value as an [n] vector along the channel (conv) or the
     last (linear) axis; raises NotMergeable if it varies along any other axis."""
     if not isinstance(v, torch.Tensor):
-        v = torch.tensor(float(v))
+        v = torch.tensor(float(v), dtype=torch.float64)  # (float32 would round the literal)
     axis = 1 if domain == "conv" else rank - 1
     if v.dim() > rank:
         raise NotMergeable(f"{what} has more dimensions than the value")

@@ -26,10 +26,12 @@ import torch.nn.functional as F
 from torch.nn.utils import parametrize
 
 from . import ops
+from .attrs import fetch_attr
+from .computed_weights import Computed, computed_tensors, parametrization_call
 from .dce import eliminate_dead_code
 from .effects import hooks_of, mutated_args
 from .report import Report
-from .shapes import infer_tensor_meta, is_tensor, tensor_dtype, tensor_shape
+from .shapes import infer_tensor_meta, is_tensor, tensor_dtype, tensor_metadata, tensor_shape
 
 aten = torch.ops.aten
 
@@ -73,13 +75,25 @@ class _Ctx:
         self.gm = gm
         self.graph = gm.graph
         self.report = report
+        self.computed: dict[str, tuple[str, Computed]] = {}  # tensors the module computes per call
 
     def attr(self, target: str | None):
         """A `get_attr` of a parameter the converter just read from its module (so it exists:
-        `Graph.get_attr` would walk the module tree again to check)."""
+        `Graph.get_attr` would walk the module tree again to check); for a tensor the module
+        computes on each call (`computed_weights`), the node that computes it."""
         if target is None:
             return None
+        if target in self.computed:
+            return self._computed(*self.computed[target])
         return self.graph.create_node("get_attr", target)
+
+    def _computed(self, owner: str, how: Computed) -> fx.Node:
+        sources = [self.graph.create_node("get_attr", f"{owner}.{s}".strip(".")) for s in how.sources]
+        node = self.graph.call_function(how.fn, tuple(sources), how.kwargs)
+        with torch.no_grad():
+            value = how.fn(*(fetch_attr(self.gm, s.target) for s in sources), **how.kwargs)
+        node.meta["tensor_meta"] = tensor_metadata(value)
+        return node
 
     def emit(self, op, /, **named):
         """A new node before the one being converted (e.g. the `aten.pad` of a padding mode)."""
@@ -451,6 +465,7 @@ def canonicalize(gm: fx.GraphModule, report: Report) -> fx.GraphModule:
     ctx = _Ctx(gm, report)
     modules = dict(gm.named_modules())
     _fold_trace_constants(gm.graph)
+    _expand_parametrization_calls(ctx, modules)
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     for node in list(gm.graph.nodes):
         mod = modules.get(node.target) if node.op == "call_module" else None
@@ -504,19 +519,33 @@ def _convert(ctx: _Ctx, node: fx.Node, mod):
 
 def _kept_as_module(ctx: _Ctx, node: fx.Node, mod) -> bool:
     """A module whose call does more than its class's maths stays a module call, with the reason:
-    hooks run only when the module is called, and a parametrized weight is computed on each
-    call (it is no `get_attr` constant)."""
+    hooks run only when the module is called. A weight the module computes on each call (a
+    parametrization, the library's own weight_norm / spectral_norm hooks) becomes the nodes that
+    compute it (`computed_weights`), read by the converter through `ctx.attr`."""
     why = None
-    hooks = hooks_of(mod)
+    hooks = [h for h in hooks_of(mod) if h != "forward pre hooks"]  # pre hooks: `computed_tensors`
+    computed = computed_tensors(mod)
     if hooks:
         why = f"it has {' and '.join(hooks)}, which run only when the module is called"
-    elif parametrize.is_parametrized(mod):
-        names = ", ".join(mod.parametrizations.keys())
-        why = f"its {names} is computed by a parametrization ({type(mod).__name__}) on every call"
+    elif isinstance(computed, str):
+        why = computed
     if why is None:
+        ctx.computed = {f"{node.target}.{name}": (node.target, how) for name, how in computed.items()}
         return False
     ctx.report.skip("canonicalize", node.name, f"{type(mod).__name__} kept as a module call: {why}")
     return True
+
+
+def _expand_parametrization_calls(ctx: _Ctx, modules: dict):
+    """`self.weight` of a parametrized root module traces to a call of its parametrization list:
+    written as `computed_weights` does for the modules below the root."""
+    for node in list(ctx.graph.nodes):
+        plist = modules.get(node.target) if node.op == "call_module" else None
+        if isinstance(plist, parametrize.ParametrizationList) and not node.args and not node.kwargs:
+            with ctx.graph.inserting_before(node):
+                value = ctx._computed(node.target, parametrization_call(plist))
+            node.replace_all_uses_with(value)
+            ctx.graph.erase_node(node)
 
 
 def _merge_getitem_bn(graph: fx.Graph):

@@ -19,6 +19,7 @@ from torch.fx._lazy_graph_module import _LazyGraphModule
 
 from .clone import clone_inputs, copy_model, preserved_state
 from .dynamic import batch_of_two, dynamic_shapes, report_axes
+from .computed_weights import LEGACY_WEIGHT_HOOKS, computed_tensors
 from .effects import hooks_of
 from .mode import follow_mode, traced_mode_facts, training_ops
 from .report import Report
@@ -180,15 +181,40 @@ def _keep_root_hooks(root: nn.Module, gm: fx.GraphModule, report: Report):
     """`symbolic_trace` traces the root's `forward`, not its `__call__`, so hooks registered on
     the model itself would be lost: they move to the GraphModule, which runs them the same way
     (the `module` they receive is then the GraphModule)."""
+    inlined = _inline_root_weight_hooks(root, gm, report)
     moved = []
     for name in ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
                  "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks"):
-        hooks = getattr(root, name, None)
+        hooks = {k: h for k, h in getattr(root, name, {}).items() if h not in inlined}
         if hooks:
             getattr(gm, name).update(hooks)
             moved.append(name.strip("_").replace("_", " "))
     if moved:
         report.note("capture", "model", f"the model's own hooks are kept on the result ({', '.join(moved)})")
+
+
+def _inline_root_weight_hooks(root: nn.Module, gm: fx.GraphModule, report: Report) -> list:
+    """The root's own hook-based weight_norm / spectral_norm: its traced forward read the weight
+    the hook last computed, as a plain tensor. That read becomes the computation of the weight
+    from its sources (`computed_weights`), which move onto the GraphModule, so the hook is no
+    longer needed there (it would look for sources under names the result does not have)."""
+    computed = computed_tensors(root)
+    hooks = [h for h in root._forward_pre_hooks.values() if isinstance(h, LEGACY_WEIGHT_HOOKS)]
+    if isinstance(computed, str) or not hooks:
+        return []
+    for hook in hooks:
+        how = computed[hook.name]
+        for source in how.sources:
+            setattr(gm, source, getattr(root, source))
+        for node in [n for n in gm.graph.nodes if n.op == "get_attr" and n.target == hook.name]:
+            with gm.graph.inserting_before(node):
+                value = gm.graph.call_function(how.fn, tuple(gm.graph.get_attr(s) for s in how.sources), how.kwargs)
+            node.replace_all_uses_with(value)
+            gm.graph.erase_node(node)
+        delattr(gm, hook.name)
+    report.note("capture", "model", f"the model's own {', '.join(type(h).__name__ for h in hooks)} hook: "
+                "its weight is computed in the graph")
+    return hooks
 
 
 def capture(model: nn.Module, example_inputs, report: Report, dynamic=None) -> fx.GraphModule:
@@ -228,15 +254,29 @@ def capture(model: nn.Module, example_inputs, report: Report, dynamic=None) -> f
     return gm
 
 
+def _versions(model: nn.Module) -> dict[str, int]:
+    """Each parameter's and buffer's version counter (it counts in-place writes)."""
+    tensors = list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False))
+    return {name: t._version for name, t in tensors}
+
+
 def _trace(model: nn.Module, args, report: Report, failures: list) -> fx.GraphModule | None:
     """The symbolic_trace capture, or None (with the reason in `failures`) when it fails."""
     work = copy_model(model)
+    versions = _versions(work)
     try:
         gm = graph_module(work, _Tracer().trace(work), type(work).__name__)
     except Exception as e:  # untraceable Python (control flow on values, HF models, ...)
         failures.append(f"symbolic_trace failed: {_first_line(e)}{_user_frame(e)}")
         return None
+    written = [name for name, version in _versions(work).items() if versions.get(name) != version]
+    if written:  # fx reads a buffer as a plain tensor: a write ran once, at trace time, and is gone
+        failures.append(f"symbolic_trace ran an in-place write to {', '.join(written[:3])} once while tracing "
+                        "(fx reads buffers as plain tensors, so the graph would neither write them nor see the "
+                        "writes)")
+        return None
     gm.training = model.training
+    _keep_root_hooks(work, gm, report)
     try:
         with preserved_state(gm):
             propagate_shapes(gm, *clone_inputs(args))
@@ -246,7 +286,6 @@ def _trace(model: nn.Module, args, report: Report, failures: list) -> fx.GraphMo
         return None
     report.note("capture", "model", f"symbolic_trace: {len(gm.graph.nodes)} nodes, shape-generic (no input axis "
                 "is specialised; `dynamic=` only steers torch.export)")
-    _keep_root_hooks(work, gm, report)
     gm.meta["example_inputs"] = clone_inputs((args, {}))  # for passes that measure
     follow_mode(gm, traced_mode_facts(work, gm))
     return gm

@@ -21,6 +21,8 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from .computed_weights import PURE_HELPERS
+
 _INPLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.setitem,
                       operator.ifloordiv, operator.imod, operator.ipow, operator.iand, operator.ior,
                       operator.ixor, operator.ilshift, operator.irshift, operator.imatmul}
@@ -96,6 +98,27 @@ def may_have_effects(node: fx.Node) -> bool:
     return False
 
 
+_RANDOM_NAMES = ("dropout", "rand", "bernoulli", "normal", "multinomial", "poisson", "rrelu", "gumbel",
+                 "uniform", "exponential", "geometric", "cauchy", "log_normal")
+
+
+def is_pure_value(node: fx.Node) -> bool:
+    """Whether `node`'s value is a function of its inputs alone, the same on every call: no write,
+    no random draw, no module state. Known functions only (ATen overloads by their schema's
+    tags; torch, operator and `computed_weights`' helpers by name); a module call never is."""
+    if node.op not in ("call_function", "call_method") or mutated_args(node):
+        return False
+    t = node.target
+    if node.op == "call_method":
+        return not any(r in t for r in _RANDOM_NAMES)
+    if t in PURE_HELPERS:
+        return True
+    if isinstance(t, torch._ops.OpOverload):
+        return torch.Tag.nondeterministic_seeded not in t.tags and not t._schema.is_mutable
+    name = getattr(t, "__name__", "")
+    return getattr(t, "__module__", None) in _TORCH_MODULES and not any(r in name for r in _RANDOM_NAMES)
+
+
 # ---------------------------------------------------------------- aliasing
 
 _VIEW_METHODS = {"view", "view_as", "reshape", "reshape_as", "flatten", "unflatten", "transpose", "permute",
@@ -108,6 +131,21 @@ _FRESH_METHODS = {"add", "sub", "mul", "div", "matmul", "sum", "mean", "softmax"
                   "max", "min", "amax", "amin", "var", "std", "cumsum", "__add__", "__sub__", "__mul__",
                   "__truediv__", "__radd__", "__rsub__", "__rmul__", "__rtruediv__", "__neg__", "__matmul__",
                   "size", "dim", "numel"}
+
+
+_CAST_METHODS = {"to", "type", "type_as", "float", "double", "half", "bfloat16"}
+
+
+def is_view(node: fx.Node) -> bool:
+    """Whether `node` only makes a view of its input (a reshape, a transpose, an index): it
+    computes nothing. A cast is not one (`.to(dtype)` copies whenever the dtype changes)."""
+    t = node.target
+    if node.op == "call_method":
+        return t in _VIEW_METHODS and t not in _CAST_METHODS
+    if isinstance(t, torch._ops.OpOverload):
+        rets = t._schema.returns
+        return t is not torch.ops.aten.to.dtype and len(rets) == 1 and rets[0].alias_info is not None
+    return t is operator.getitem
 
 
 _TORCH_MODULES = ("torch", "torch.nn.functional", "torch._C._nn", "torch.functional", "_operator", "operator")
@@ -179,6 +217,34 @@ def observers(writer: fx.Node, value: fx.Node, aliases: AliasMap | None = None) 
 
 
 # ---------------------------------------------------------------- reads moved past writes
+
+_aten = torch.ops.aten
+_BATCH_NORMS = {torch.nn.functional.batch_norm: (1, 2, 5), torch.batch_norm: (3, 4, 5),  # positions of
+                _aten.batch_norm.default: (3, 4, 5), _aten.native_batch_norm.default: (3, 4, 5),  # running
+                _aten._native_batch_norm_legit.default: (3, 4, 5),  # mean, var, training
+                _aten._native_batch_norm_legit_functional.default: (3, 4, 5)}
+
+
+def updates_running_stats(node: fx.Node) -> bool:
+    """A batch norm in training mode with running statistics: it updates them on each call (its
+    schema does not say so). Weight standardisation's `F.batch_norm(w, None, None,
+    training=True)` has none to update: a function of its input like any other."""
+    if node.op != "call_function" or node.target not in _BATCH_NORMS:
+        return False
+    i_mean, i_var, i_training = _BATCH_NORMS[node.target]
+
+    def arg(i, name, default=None):
+        return node.args[i] if len(node.args) > i else node.kwargs.get(name, default)
+    stats = arg(i_mean, "running_mean"), arg(i_var, "running_var")
+    return bool(arg(i_training, "training", False)) and any(s is not None for s in stats)
+
+
+def written_values(graph: fx.Graph, aliases: "AliasMap | None" = None) -> set[fx.Node]:
+    """The values of `graph` (alias roots) that something writes in place, running statistics included."""
+    aliases = aliases or AliasMap(graph)
+    written = {aliases.root(v) for w in mutations(graph) for v in mutated_args(w)}
+    return written | {aliases.root(v) for n in graph.nodes if updates_running_stats(n) for v in n.all_input_nodes[1:]}
+
 
 def mutations(graph: fx.Graph) -> list[fx.Node]:
     """The nodes of `graph` that write a graph value in place."""

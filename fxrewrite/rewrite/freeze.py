@@ -15,15 +15,12 @@ from typing import Callable
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensor
 
 from .capture import graph_module
-from .effects import AliasMap, mutated_args, mutations
+from .effects import AliasMap, updates_running_stats, written_values
 from .report import Report
 from .shapes import tensor_metadata
-
-_MUTATING_BN = (F.batch_norm, torch.batch_norm, torch.ops.aten.batch_norm.default)
 
 
 def _is_param_or_buffer(node: fx.Node) -> bool:
@@ -35,20 +32,12 @@ def _is_param_or_buffer(node: fx.Node) -> bool:
     return "_parameters" in name or "_buffers" in name
 
 
-def _bn_training(node: fx.Node) -> bool:
-    if node.op != "call_function" or node.target not in _MUTATING_BN:
-        return False
-    training = node.kwargs.get("training", node.args[5] if len(node.args) > 5 else False)
-    return bool(training)
-
-
 def _written(graph: fx.Graph) -> Callable[[fx.Node], bool]:
     """Whether the graph writes a placeholder in place, directly or through a view
     (`rewrite.effects`), or updates it as a training-mode batch norm's running statistics."""
     aliases = AliasMap(graph)
-    roots = {aliases.root(v) for w in mutations(graph) for v in mutated_args(w)}
-    stats = {v for n in graph.nodes if _bn_training(n) for v in n.all_input_nodes}
-    return lambda node: aliases.root(node) in roots or node in stats
+    written = written_values(graph, aliases)
+    return lambda node: aliases.root(node) in written
 
 
 def why_not_freeze(gm: fx.GraphModule, placeholders, example_inputs) -> str | None:
@@ -57,7 +46,7 @@ def why_not_freeze(gm: fx.GraphModule, placeholders, example_inputs) -> str | No
     if torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad for x in example_inputs):
         return "grad is enabled and inputs require grad (a training graph): weights are not constants"
     for node in gm.graph.nodes:
-        if _bn_training(node):
+        if updates_running_stats(node):
             return f"{node.name} is a batch norm in training mode (it updates its running statistics)"
     if not any(_is_param_or_buffer(p) for p in placeholders):
         return "no parameter or buffer among the graph inputs"

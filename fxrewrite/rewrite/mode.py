@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch.fx as fx
 import torch.nn as nn
 
+from .effects import updates_running_stats
 from .report import Report
 
 
@@ -48,7 +49,7 @@ def training_ops(gm: fx.GraphModule) -> dict:
     calls = [n for n in gm.graph.nodes if n.op == "call_function"]
     return {"dropout": sum(1 for n in calls if "dropout" in str(n.target) and arg(n, 2, "train", True)
                            and arg(n, 1, "p", 0.5) > 0),
-            "batch norm": sum(1 for n in calls if "batch_norm" in str(n.target) and arg(n, 5, "training", False))}
+            "batch norm": sum(1 for n in calls if updates_running_stats(n))}
 
 
 def follow_mode(gm: fx.GraphModule, facts: dict):

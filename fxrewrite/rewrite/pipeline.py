@@ -8,6 +8,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from .canonicalize import canonicalize
+from .attrs import fetch_attr
 from .capture import recompile
 from .passmanager import Pass, run_pass
 from .report import Report
@@ -45,7 +46,8 @@ def _drop_unused_tensors(gm: fx.GraphModule, report: Report, before: set[str], d
         if node.op == "get_attr" and not node.users:
             gm.graph.erase_node(node)
             used.discard(node.target)
-    used_modules = {n.target for n in gm.graph.nodes if n.op == "call_module"}
+    used_modules = {n.target for n in gm.graph.nodes if n.op == "call_module"} | {
+        t for t in used if isinstance(fetch_attr(gm, t), nn.Module)}  # a parametrization read whole
 
     def needed(name: str) -> bool:
         return name in used or any(name.startswith(m + ".") for m in used_modules)
@@ -75,4 +77,15 @@ def _drop_unused_tensors(gm: fx.GraphModule, report: Report, before: set[str], d
         into = sorted({t for a in attrs for t in absorbed.get(f"{owner}.{a}" if owner else a, [])})
         where = f"absorbed into {', '.join(into)}" if into else "no longer read by the graph"
         report.removed("cleanup", owner or "<root>", f"{', '.join(attrs)}: {where}")
-    gm.delete_all_unused_submodules()
+    _delete_unused_submodules(gm, used_modules)
+
+
+def _delete_unused_submodules(gm: fx.GraphModule, used_modules: set[str]):
+    """`GraphModule.delete_all_unused_submodules`, except that a module read by `get_attr` (a
+    parametrization, `computed_weights`) keeps its children, as a called one does."""
+    targets = {n.target for n in gm.graph.nodes if n.op in ("call_module", "get_attr")}
+    keep = {".".join(t.split(".")[:i]) for t in targets for i in range(1, t.count(".") + 2)}
+    keep |= {f"{m}.{child}" for m in used_modules for child, _ in gm.get_submodule(m).named_modules() if child}
+    for name, _ in reversed(list(gm.named_modules())):
+        if name and name not in keep:
+            gm.delete_submodule(name)

@@ -212,12 +212,12 @@ def _eager_rounding(reference: nn.Module, ref_out, args, kwargs) -> tuple[dict[s
     return rounding, []
 
 
-def _attr(model: nn.Module, target: str):
-    """The tensor `target` ("a.b.weight") of `model`, None when there is none (any more)."""
+def _attr(model: nn.Module, target: str, kind: type = torch.Tensor):
+    """The tensor (or other `kind`) `target` ("a.b.weight") of `model`, None when there is none (any more)."""
     obj = model
     for part in target.split("."):
         obj = getattr(obj, part, None)
-    return obj if isinstance(obj, torch.Tensor) else None
+    return obj if isinstance(obj, kind) else None
 
 
 def _replay(derivations, ref64: nn.Module, cand64: nn.Module) -> tuple[list[str], bool]:
@@ -233,7 +233,9 @@ def _replay(derivations, ref64: nn.Module, cand64: nn.Module) -> tuple[list[str]
     with torch.no_grad():
         for d in derivations:
             for s in d.sources:
-                if isinstance(s, str) and s not in env and _attr(cand64, s) is not None:
+                if isinstance(s, str) and s not in env and isinstance(_attr(ref64, s, nn.Module), nn.Module):
+                    env[s] = _attr(ref64, s, nn.Module)  # a parametrization, called with its originals
+                elif isinstance(s, str) and s not in env and _attr(cand64, s) is not None:
                     env[s] = _attr(cand64, s)
                     borrowed.append(s)
             try:  # a source found nowhere raises KeyError here
