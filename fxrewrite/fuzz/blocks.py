@@ -375,6 +375,14 @@ def apply_bn_view(mods, spec, x):
     return mods["bn"](y.flatten(2)).reshape(y.shape)
 
 
+def build_lin_prep_bn(spec, shape):
+    return nn.ModuleDict({"bn": randomize_bn(nn.BatchNorm1d(shape[-1]))})
+
+
+def apply_lin_prep_bn(mods, spec, x):
+    return mods["bn"](x.transpose(1, 2)).transpose(1, 2)
+
+
 def build_lin_bn_view(spec, shape):
     return nn.ModuleDict({"linear": nn.Linear(shape[-1], spec["out"]),
                           "bn": randomize_bn(nn.BatchNorm1d(spec["out"]))})
@@ -479,7 +487,7 @@ def _none(spec, shape):
 
 _KINDS = ["conv", "branches", "chain", "residual", "cat", "shared", "tied", "readtwice", "mutate", "flatten_fc",
           "view", "to_vec", "to_seq", "bn_only", "affine", "act", "control", "linear", "linchain", "lora", "layernorm",
-          "ws_conv", "bn_view", "lin_bn_view"]
+          "ws_conv", "bn_view", "lin_bn_view", "lin_prep_bn"]
 _NO_MODULES = {"view", "to_seq", "control"}  # blocks with a forward and nothing to build
 
 BUILD = {k: _none if k in _NO_MODULES else globals()[f"build_{k}"] for k in _KINDS}

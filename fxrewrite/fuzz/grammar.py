@@ -183,6 +183,12 @@ def gen_bn_view(r: random.Random, shape: list, flags: dict):
     return spec, [shape[0], spec["cout"]] + list(shape[2:])
 
 
+def gen_lin_prep_bn(r: random.Random, shape: list, flags: dict):
+    """(N, L, F): BatchNorm1d over the features behind a transpose, read by what follows (PRepBN /
+    SLAB-style transformers train BatchNorm in place of LayerNorm)."""
+    return ({"op": "lin_prep_bn"}, list(shape)) if len(shape) == 3 else None
+
+
 def gen_lin_bn_view(r: random.Random, shape: list, flags: dict):
     """(N, L, F) linear, then BatchNorm1d over the features behind `flatten(0, 1)` or a transpose."""
     if len(shape) != 3:
@@ -316,7 +322,8 @@ IMAGE_OPS = [(gen_conv, 6), (gen_convT, 3.5), (gen_branches, 15), (gen_chain, 2)
              (gen_view, 2), (gen_to_vec, 1), (gen_to_seq, 1.5), (gen_bn_only, 1), (gen_affine, 3), (gen_act, 1),
              (gen_control, 0.5), (gen_ws_conv, 2), (gen_bn_view, 1.5)]
 LINEAR_OPS = [(gen_linear, 5), (gen_linchain, 2), (gen_lora, 2), (gen_layernorm, 1.5), (gen_lin_residual, 1),
-              (gen_lin_affine, 2), (gen_act, 1), (gen_control, 0.5), (gen_lin_bn_view, 1.5)]
+              (gen_lin_affine, 2), (gen_act, 1), (gen_control, 0.5), (gen_lin_bn_view, 1.5),
+              (gen_lin_prep_bn, 1.5)]
 
 
 def _input(r: random.Random) -> tuple[str, list]:

@@ -12,6 +12,7 @@ from ..rewrite.lift_norms import LIFT_NORMS
 from ..rewrite.passmanager import Pass
 
 from .batchnorm import BATCHNORM_FOLDING
+from .batchnorm_forward import FOLD_BN_FORWARD
 from .cleanup import IDENTITY_REMOVAL
 from .constants import FOLD_CONSTANTS
 from .inplace import INPLACE
@@ -22,12 +23,14 @@ from .reparam import STRUCTURAL_REPARAM
 from .swaps import LAYERNORM_TO_RMSNORM, NORM_TO_DYT, RELU_TO_GENERALIZED_SMELU, RELU_TO_SMELU
 
 REGISTRY: dict[str, Pass] = {p.name: p for p in [
-    IDENTITY_REMOVAL, FOLD_CONSTANTS, FOLD_SCALE_SHIFT, BATCHNORM_FOLDING, STRUCTURAL_REPARAM, LIFT_NORMS,
+    IDENTITY_REMOVAL, FOLD_CONSTANTS, FOLD_SCALE_SHIFT, BATCHNORM_FOLDING, STRUCTURAL_REPARAM, FOLD_BN_FORWARD,
+    LIFT_NORMS,
     FOLD_NORM_AFFINE, PRENORM_RMSNORM,
     RELU_TO_SMELU, RELU_TO_GENERALIZED_SMELU, LAYERNORM_TO_RMSNORM, NORM_TO_DYT,
 ]}
 
-DEFAULT: list[str] = ["remove_identity", "fold_constants", "fold_scale_shift", "fold_batchnorm", "merge_branches"]
+DEFAULT: list[str] = ["remove_identity", "fold_constants", "fold_scale_shift", "fold_batchnorm", "merge_branches",
+                       "fold_bn_forward"]
 
 PRESETS: dict[str, list[str]] = {
     "exact": DEFAULT,
