@@ -10,7 +10,8 @@ import torch.nn as nn
 
 from . import codegen
 from . import passes as catalogue
-from .rewrite.capture import capture
+from .partial import optimize_parts
+from .rewrite.capture import CaptureError, capture
 from .rewrite.mode import settle_mode
 from .rewrite.passmanager import Pass
 from .rewrite.pipeline import run_pipeline
@@ -20,7 +21,7 @@ from .rewrite.verify import VerificationError, verify
 
 def optimize(model: nn.Module, example_inputs, passes=None, check: bool = False,
              rtol: float | None = None, atol: float | None = None, lower: str | None = None,
-             inplace: bool = True, layout: str | None = None, dynamic=None) -> fx.GraphModule:
+             inplace: bool = True, layout: str | None = None, dynamic=None, partial: bool | None = None) -> nn.Module:
     """Capture `model`, canonicalise it, apply `passes` and return a new GraphModule.
 
     `model` is never modified. `passes`: pass names, preset names or Pass objects; by default
@@ -38,8 +39,31 @@ def optimize(model: nn.Module, example_inputs, passes=None, check: bool = False,
     positional inputs; a list of axes keeps them where export can). The report says which axes
     stayed dynamic and why others were specialised. `.train()` / `.eval()` work on the result,
     and raise where its graph is fixed in one mode (folded BatchNorm, removed dropout).
+    `partial`: a model that does not capture whole (data-dependent detection heads) is optimized
+    in parts by default: a copy of it whose largest capturable submodules are optimized
+    (`fxrewrite.partial`), the rest left as it was, and the report says which and why. `True`
+    optimizes in parts even a model that captures whole (its module tree stays the user's);
+    `False` raises the `CaptureError` instead.
     """
     steps = build_pipeline(passes, lower=lower, inplace=inplace, layout=layout)
+
+    def whole(module, inputs, dynamic_axes=dynamic):
+        return _optimize_whole(module, inputs, steps, dynamic_axes)
+    if partial:
+        result = optimize_parts(model, example_inputs, whole, Report())
+    else:
+        try:
+            result = whole(model, example_inputs)
+        except CaptureError as e:
+            if partial is False:
+                raise
+            result = optimize_parts(model, example_inputs, whole, Report(), why_whole_failed=_capture_reason(e))
+    if check:
+        _check(model, result, example_inputs, rtol, atol)
+    return result
+
+
+def _optimize_whole(model: nn.Module, example_inputs, steps: list[Pass], dynamic) -> fx.GraphModule:
     report = Report()
     with no_full_collections():
         with report.timed("capture"):
@@ -48,14 +72,24 @@ def optimize(model: nn.Module, example_inputs, passes=None, check: bool = False,
         settle_mode(gm, report, folds={p.name for p in steps if p.exactness == "exact"} - _MODE_FREE)
     gm.report = report
     gm.derivations = derivations
-    if check:
-        result = verify(model, gm, example_inputs, rtol=rtol, atol=atol, raise_on_fail=False)
-        report.error = result.as_dict()  # max abs/rel error and the tolerance that applied, per output
-        for note in result.notes:  # e.g. no float64 run of the model: a fixed rtol instead
-            report.note("check", "model", note)
-        if not result.passed:
-            raise VerificationError(f"optimized model differs from the original:\n{result}\n{report}")
     return gm
+
+
+def _check(model: nn.Module, result: nn.Module, example_inputs, rtol, atol):
+    report = result.report
+    verdict = verify(model, result, example_inputs, rtol=rtol, atol=atol, raise_on_fail=False)
+    report.error = verdict.as_dict()  # max abs/rel error and the tolerance that applied, per output
+    for note in verdict.notes:  # e.g. no float64 run of the model: a fixed rtol instead
+        report.note("check", "model", note)
+    if not verdict.passed:
+        raise VerificationError(f"optimized model differs from the original:\n{verdict}\n{report}")
+
+
+def _capture_reason(e: CaptureError) -> str:
+    """The last route's reason (torch.export's, where the data-dependent line is named), from a
+    CaptureError's message (one line per route)."""
+    lines = [ln.strip() for ln in str(e).splitlines()[1:] if ln.strip()]
+    return lines[-1][:300] if lines else str(e)[:300]
 
 
 # exact passes whose rewrites are the same in training and eval mode: they leave `.train()` allowed

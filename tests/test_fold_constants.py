@@ -268,3 +268,14 @@ def test_through_torch_compile():
     convs = sum(1 for m in model.modules() if type(m).__name__ == "ScaledStdConv2d")
     assert sum(r.count("fold_constants") for r in REPORTS) >= convs > 0
     assert not any("batch norm in training mode" in str(r) for r in REPORTS)
+
+
+def test_levit_attention_biases_are_gathered_once_and_no_batchnorm_is_left():
+    model = _randomised("levit_128s")
+    x = torch.randn(2, 3, 224, 224)
+    fast = optimize(model, x)
+    gathers = [r for r in fast.report.records if r.pass_name == "fold_constants" and r.action == "rewrote"]
+    assert len(gathers) == 11 and all("attention_bias" in r.detail for r in gathers)
+    assert computed_from_weights(fast) == []
+    assert not [n for n in fast.graph.nodes if "batch_norm" in str(n.target)]
+    check_exact(model, fast, torch.randn(2, 3, 224, 224))

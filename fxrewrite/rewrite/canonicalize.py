@@ -180,6 +180,10 @@ def _identity_module(ctx, node, mod):
         ctx.report.skip("canonicalize", node.name, f"{type(mod).__name__}(p={mod.p:g}) in training mode: kept (it "
                         f"drops values on every call); call model.eval() first to remove it")
         return None
+    arg = node.args[0]
+    known = isinstance(arg, fx.Node) and any(k in arg.meta for k in ("tensor_meta", "val", "example_value"))
+    if not isinstance(arg, fx.Node) or (known and not is_tensor(arg)):  # over a list: not a tensor op
+        return None
     return ctx.call(aten.alias.default, self=node.args[0])
 
 

@@ -40,6 +40,10 @@ def dynamic_shapes(args, kwargs, dynamic=None):
 
 
 def _default_spec(a, dynamic):
+    if isinstance(a, (list, tuple)):  # export wants the inputs' structure: a spec per element
+        return type(a)(_default_spec(e, dynamic) for e in a)
+    if isinstance(a, dict):
+        return {k: _default_spec(e, dynamic) for k, e in a.items()}
     if not isinstance(a, torch.Tensor) or a.dim() == 0:
         return None
     n = a.dim() if dynamic is True else 2 if is_token_tensor(a) else 1
