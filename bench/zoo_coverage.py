@@ -1,7 +1,7 @@
 """Run the whole zoo (tests/zoo/models.py) and write COVERAGE.md.
 
     python bench/zoo_coverage.py                  # all models, with ONNX export + onnxruntime check
-    python bench/zoo_coverage.py --only timm/     # a subset by name prefix
+    python bench/zoo_coverage.py --only timm/     # a subset by name prefix (comma-separated: any of them)
     python bench/zoo_coverage.py --no-onnx
 
 One row per model: each step pass/fail with the reason, conv/norm counts before -> after the
@@ -54,14 +54,15 @@ def render(rows, onnx: bool, seconds: float) -> str:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", default="", help="run models whose name starts with this prefix")
+    ap.add_argument("--only", default="",
+                    help="run models whose name starts with this prefix (or any of several, comma-separated)")
     ap.add_argument("--no-onnx", action="store_true")
     ap.add_argument("--out", default=os.path.join(ROOT, "COVERAGE.md"))
     args = ap.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     rows, t0 = [], time.perf_counter()
     for entry in ZOO:
-        if not entry.name.startswith(args.only):
+        if not entry.name.startswith(tuple(args.only.split(","))):
             continue
         row = run_one(entry, onnx=not args.no_onnx)
         row.pop("trace", None)

@@ -57,7 +57,7 @@ def optimize(model: nn.Module, example_inputs, passes=None, check: bool = False,
         except CaptureError as e:
             if partial is False:
                 raise
-            result = optimize_parts(model, example_inputs, whole, Report(), why_whole_failed=_capture_reason(e))
+            result = optimize_parts(model, example_inputs, whole, Report(), capture_error=e)
     if check:
         _check(model, result, example_inputs, rtol, atol)
     return result
@@ -83,13 +83,6 @@ def _check(model: nn.Module, result: nn.Module, example_inputs, rtol, atol):
         report.note("check", "model", note)
     if not verdict.passed:
         raise VerificationError(f"optimized model differs from the original:\n{verdict}\n{report}")
-
-
-def _capture_reason(e: CaptureError) -> str:
-    """The last route's reason (torch.export's, where the data-dependent line is named), from a
-    CaptureError's message (one line per route)."""
-    lines = [ln.strip() for ln in str(e).splitlines()[1:] if ln.strip()]
-    return lines[-1][:300] if lines else str(e)[:300]
 
 
 # exact passes whose rewrites are the same in training and eval mode: they leave `.train()` allowed

@@ -257,6 +257,8 @@ def _optimize(args) -> int:
 
     from . import passes as catalogue
 
+    from .rewrite import capture
+    capture.QUIET_EXPORT = not args.verbose
     if not args.verbose:
         # torch's own warnings while tracing a model that cannot be captured would bury the one-line
         # error this command promises; the capture failure itself is reported below

@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .rewrite.capture import as_args
+from .rewrite.capture import CaptureError, as_args
 from .rewrite.clone import clone_inputs, copy_model, preserved_state
 from .rewrite.report import Report
 from .rewrite.rewriter import Derivation
@@ -33,9 +33,12 @@ _MAX_CALLS = 8  # calls recorded per submodule (a detection head: one per FPN le
 
 
 def optimize_parts(model: nn.Module, example_inputs, optimize_whole: Callable, report: Report,
-                   why_whole_failed: str | None = None) -> nn.Module:
+                   capture_error: CaptureError | None = None) -> nn.Module:
     """A copy of `model` whose largest capturable submodules are optimized by `optimize_whole(module,
-    example_inputs, dynamic)` (the whole-model pipeline); records go to `report`."""
+    example_inputs, dynamic)` (the whole-model pipeline); records go to `report`. After a failed
+    whole capture (`capture_error`), when no submodule captures either, that error is raised
+    again: a copy with nothing optimized would only hide it."""
+    why_whole_failed = _capture_reason(capture_error) if capture_error is not None else None
     work = copy_model(model)
     args, kwargs = as_args(example_inputs)
     if why_whole_failed:
@@ -55,6 +58,10 @@ def optimize_parts(model: nn.Module, example_inputs, optimize_whole: Callable, r
             else:
                 left.append(name)
         frontier = next_frontier
+    captured = [r for r in report.records if r.pass_name == "partial" and (
+        r.action == "rewrote" or "no pass rewrote" in r.detail or "optimized graph" in r.detail)]
+    if capture_error is not None and not captured:
+        raise CaptureError(f"{capture_error}\n  no submodule of it captures either") from None
     _report_coverage(model, work, done, left, args, kwargs, report)
     work.report, work.derivations = report, derivations
     return work
@@ -188,6 +195,13 @@ def _flops_by_module(model: nn.Module, args, kwargs) -> dict[str, int]:
     except Exception:  # noqa: BLE001 - an op the counter cannot follow: coverage by parameters only
         return {}
     return {name: sum(counts.values()) for name, counts in counter.get_flop_counts().items()}
+
+
+def _capture_reason(e: CaptureError) -> str:
+    """The last route's reason (torch.export's, which names the data-dependent line), from a
+    CaptureError's message (one line per route)."""
+    lines = [ln.strip() for ln in str(e).splitlines()[1:] if ln.strip()]
+    return lines[-1][:300] if lines else str(e)[:300]
 
 
 def _names(names: list[str], shown: int = 4) -> str:

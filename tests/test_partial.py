@@ -124,3 +124,18 @@ def test_parts_that_capture_but_have_nothing_to_rewrite_stay_as_they_are():
     fast = optimize(model, torch.ones(2, 4))
     assert type(fast.lin) is nn.Linear
     assert any("no pass rewrote anything" in r.detail for r in fast.report.records if r.node == "lin")
+
+
+def test_torch_compile_route_needs_no_partial_capture():
+    """Dynamo breaks the graph at the data-dependent branch itself; each piece goes through the
+    backend, and the BatchNorms of the backbone and head are folded there."""
+    from fxrewrite.backend import REPORTS
+    torch.manual_seed(0)
+    model = randomize_bn(Detector()).eval()
+    REPORTS.clear()
+    compiled = torch.compile(model, backend="rewrite", options={"compiler": "eager"})
+    x = images()
+    with torch.no_grad():
+        out, ref = compiled(x), model(x)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert sum(r.count("fold_batchnorm") for r in REPORTS) >= 3

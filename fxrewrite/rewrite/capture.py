@@ -7,8 +7,11 @@ passes read.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import dis
 import inspect
+import io
+import logging
 import sys
 import traceback
 
@@ -239,7 +242,8 @@ def capture(model: nn.Module, example_inputs, report: Report, dynamic=None) -> f
                     "batch of 1")
     t_args, t_kwargs = traced or (args, kwargs)
     try:
-        ep = torch.export.export(work, t_args, t_kwargs, strict=False, dynamic_shapes=spec)
+        with _quiet_export():
+            ep = torch.export.export(work, t_args, t_kwargs, strict=False, dynamic_shapes=spec)
     except Exception as e:
         _check_model_runs(model, args, kwargs)
         failures.append(f"torch.export failed: {_first_line(e)}{_user_frame(e)}")
@@ -252,6 +256,29 @@ def capture(model: nn.Module, example_inputs, report: Report, dynamic=None) -> f
     gm.meta["example_inputs"] = clone_inputs((args, kwargs))  # for passes that measure
     follow_mode(gm, {"route": "torch.export", "training": model.training, "ops": training_ops(gm)})
     return gm
+
+
+QUIET_EXPORT = True  # the CLI's --verbose sets it False: torch's own output then goes through
+
+
+@contextlib.contextmanager
+def _quiet_export():
+    """Keep what torch.export prints on failure out of the user's way: on a data-dependent guard
+    it prints the whole partial graph to stderr, and logs a warning, while the reason that
+    matters is in our CaptureError (or the partial-capture report). On success what it wrote
+    goes through."""
+    if not QUIET_EXPORT:
+        yield
+        return
+    log = logging.getLogger("torch.fx.experimental.symbolic_shapes")
+    level, buffer = log.level, io.StringIO()
+    log.setLevel(max(level, logging.ERROR))
+    try:
+        with contextlib.redirect_stderr(buffer):
+            yield
+        sys.stderr.write(buffer.getvalue())
+    finally:
+        log.setLevel(level)
 
 
 def _versions(model: nn.Module) -> dict[str, int]:
