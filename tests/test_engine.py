@@ -284,3 +284,14 @@ def test_a_cast_that_may_return_its_input_is_never_functionalised_away():
     gm, _ = canonical(m, x)
     gm.recompile()
     torch.testing.assert_close(gm(x), m(x), rtol=0, atol=0)
+
+
+def test_a_pass_that_needs_shapes_is_skipped_with_the_reason_on_a_graph_without_them():
+    from fxrewrite.passes import REGISTRY
+    from fxrewrite.rewrite.passmanager import run_pass
+
+    gm = fx.symbolic_trace(nn.Sequential(nn.Conv2d(3, 4, 1), nn.Conv2d(4, 4, 1)))  # no shape propagation
+    report = Report()
+    assert run_pass(gm, REGISTRY["merge_branches"], report, []) == 0
+    [skip] = report.skipped("merge_branches")
+    assert skip.detail == "not run: it needs shapes, which this route does not provide"

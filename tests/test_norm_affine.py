@@ -380,3 +380,14 @@ def test_ssf_on_a_norm_read_elsewhere_is_skipped():
     [s] = skipped(fast, "fold_scale_shift")
     assert "has 2 users; its value is needed elsewhere" in s.detail
     exact(model, fast, x)
+
+
+def test_through_torch_compile_with_the_quantize_prep_preset():
+    from fxrewrite.backend import REPORTS
+    model = randomise_norms(QKV()).eval()
+    x = torch.randn(2, 5, 16)
+    REPORTS.clear()
+    compiled = torch.compile(model, backend="rewrite", options={"passes": ["quantize_prep"], "compiler": "eager"})
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
+    assert sum(r.count("fold_norm_affine") for r in REPORTS) == 1

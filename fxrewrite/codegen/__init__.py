@@ -73,7 +73,7 @@ def _lowering_message(region: Region) -> str:
             f"[spec {spec_hash(dumps(region.spec))}], outputs {outs}")
 
 
-LOWER_TRITON = Pass("lower_triton", "rounding", analysis=lower_regions, doc=__doc__)
+LOWER_TRITON = Pass("lower_triton", "rounding", analysis=lower_regions, needs=("shapes",), doc=__doc__)
 
 
 def _number_inserted(order: dict[fx.Node, float], anchor: fx.Node):

@@ -47,22 +47,33 @@ def use_interpreter() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+_TRITON_IMPORTED = False  # set once `import triton` has succeeded (a failure is retried each call)
+
+
 def triton_available() -> bool:
+    global _TRITON_IMPORTED
+    if _TRITON_IMPORTED:
+        return True
     try:
         import triton  # noqa: F401
-        return True
     except ImportError:
         return False
+    _TRITON_IMPORTED = True
+    return True
+
+
+_KERNEL_DTYPES = frozenset(DTYPES.values())  # the torch dtypes a kernel takes (the spec's DTYPES)
 
 
 def backend_for(inputs: list[torch.Tensor]) -> str:
-    """'triton' or 'reference' for these tensors (see the module docstring)."""
-    if os.environ.get("FXREWRITE_CODEGEN") == "reference" or not inputs:
+    """'triton' or 'reference' for these tensors (see the module docstring). The environment is
+    read on every call (tests and users may change it between calls)."""
+    if not inputs or os.environ.get("FXREWRITE_CODEGEN") == "reference":
         return "reference"
-    devices = {t.device for t in inputs}
-    if len(devices) != 1:
-        return "reference"
-    dev = devices.pop()
+    dev = inputs[0].device
+    for t in inputs:
+        if t.device != dev:
+            return "reference"
     if dev.type == "cuda" or (dev.type == "cpu" and use_interpreter()):
         return "triton" if triton_available() else "reference"
     return "reference"
@@ -273,30 +284,46 @@ def run_triton(spec_text: str, inputs: list[torch.Tensor], config=None) -> list[
     """Launch the generated kernel. `config` overrides (mode, BLOCK_N, ROWS, num_warps).
 
     The launch (kernel, grid, integer arguments) is a function of the spec and the inputs'
-    shapes, strides, dtypes and device only, so it is planned once and cached: a repeated call
-    costs the output allocation and Triton's own launch. The plan holds no tensors: inputs that
+    shapes, strides, dtypes and the target only, so it is planned once and cached: a repeated
+    call costs the cache look-up, the output allocation and Triton's own launch (`launch_args`)."""
+    kernel, grid, args, consts, outs = launch_args(spec_text, inputs, config)
+    if kernel is not None:
+        dev = inputs[0].device
+        if dev.type == "cuda":
+            with torch.cuda.device(dev):
+                kernel[grid](*args, **consts)
+        else:
+            kernel[grid](*args, **consts)
+    return outs
+
+
+def launch_args(spec_text: str, inputs: list[torch.Tensor], config=None):
+    """(kernel, grid, args, kwargs, outputs): the launch `run_triton` makes for these inputs,
+    `kernel[grid](*args, **kwargs)`, which writes `outputs` (freshly allocated here, and the
+    last of `args` before the integer arguments). kernel is None (nothing to launch) for an empty
+    domain.
+
+    The plan is cached by (spec text, config, target, per input: shape, strides, dtype). It holds
+    no tensors and nothing device-specific (Triton keeps its binaries per device): inputs that
     must be materialised are listed as (index, channel_view) and copied again from each call's
-    tensors (a cached copy would be the first call's values)."""
-    target = "interpreter" if use_interpreter() else "cuda"
-    key = (spec_text, config, target, tuple((tuple(t.shape), t.stride(), t.dtype, t.device) for t in inputs))
+    tensors (a cached copy would be the first call's values). CPU tensors can only run in
+    Triton's interpreter, so only CUDA tensors read TRITON_INTERPRET to pick the target."""
+    dev = inputs[0].device
+    target = "interpreter" if dev.type == "cpu" or use_interpreter() else "cuda"
+    key = (spec_text, config, target, *[(t.shape, t.stride(), t.dtype) for t in inputs])
     hit = _LAUNCHES.get(key)
     if hit is None:
         hit = _plan_launch(spec_text, inputs, config, target)
         _LAUNCHES.put(key, hit)
     kernel, grid, ints, domain, out_dtypes, consts, copies = hit
-    dev = inputs[0].device
     outs = [torch.empty(domain, dtype=dt, device=dev) for dt in out_dtypes]
     if kernel is None:
-        return outs
-    tensors = list(inputs)
-    for i, channel_view in copies:
-        tensors[i] = materialise(inputs[i], channel_view, domain)
-    if dev.type == "cuda":
-        with torch.cuda.device(dev):
-            kernel[grid](*tensors, *outs, *ints, **consts)
-    else:
-        kernel[grid](*tensors, *outs, *ints, **consts)
-    return outs
+        return None, None, (), {}, outs
+    if copies:
+        inputs = list(inputs)
+        for i, channel_view in copies:
+            inputs[i] = materialise(inputs[i], channel_view, domain)
+    return kernel, grid, (*inputs, *outs, *ints), consts, outs
 
 
 def _plan_launch(spec_text, inputs, config, target):
@@ -307,7 +334,7 @@ def _plan_launch(spec_text, inputs, config, target):
     out_dtypes = [DTYPES[spec["nodes"][j]["dtype"]] for j in spec["outputs"]]
     copies = tuple((i, spec["inputs"][i]["channel_view"]) for i in copied)
     if M * N == 0:
-        return None, None, [], domain, out_dtypes, {}, copies
+        return None, None, (), domain, out_dtypes, {}, copies
     in_dtypes = tuple(dtype_name(t.dtype) for t in inputs)
     ct = compute_dtype(spec, in_dtypes)
     mode, block, rows, warps = config or choose_config(M, N, ct, reduce_ndim(spec) > 0)
@@ -320,7 +347,7 @@ def _plan_launch(spec_text, inputs, config, target):
         if kind in ("full", "col") and not contig:
             ints.append(s_n)
     consts = {"ROWS": rows, "BLOCK_N": block, "num_warps": warps}
-    return kernel, (triton_cdiv(M, rows),), ints, domain, out_dtypes, consts, copies
+    return kernel, (triton_cdiv(M, rows),), tuple(ints), domain, out_dtypes, consts, copies
 
 
 def triton_cdiv(a: int, b: int) -> int:
@@ -328,11 +355,11 @@ def triton_cdiv(a: int, b: int) -> int:
 
 
 def run(spec_text: str, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
-    """The op's implementation: Triton where it can run, the eager reference elsewhere."""
-    spec = loads(spec_text)
-    if backend_for(inputs) == "triton" and all(dtype_name(t.dtype) in DTYPES for t in inputs):
+    """The op's implementation: Triton where it can run, the eager reference elsewhere. The
+    spec text is parsed only for the reference: a kernel's launch plan is cached by it."""
+    if backend_for(inputs) == "triton" and all(t.dtype in _KERNEL_DTYPES for t in inputs):
         return run_triton(spec_text, inputs)
-    return fresh_outputs(run_reference(spec, inputs), inputs)
+    return fresh_outputs(run_reference(loads(spec_text), inputs), inputs)
 
 
 # ---------------------------------------------------------------- the op

@@ -322,6 +322,6 @@ def fold_bn_forward(rw: Rewriter) -> None:
 
 
 FOLD_BN_FORWARD = Pass(
-    "fold_bn_forward", "exact", analysis=fold_bn_forward,
+    "fold_bn_forward", "exact", analysis=fold_bn_forward, needs=("shapes",),
     doc="Fold an eval BatchNorm into the Linears / unpadded convs that read it (through views): "
         "W' = W s (per input channel), b' = b + W t. Exact. See passes/batchnorm_forward.py.")

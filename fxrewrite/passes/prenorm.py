@@ -282,4 +282,4 @@ def _apply(rw, stream: _Stream, lns: dict, bad: dict) -> int:
     return count
 
 
-PRENORM_RMSNORM = Pass(NAME, "exact", analysis=prenorm_rmsnorm, doc=__doc__)
+PRENORM_RMSNORM = Pass(NAME, "exact", analysis=prenorm_rmsnorm, needs=("shapes",), doc=__doc__)

@@ -677,4 +677,4 @@ def _reparameterize(rw) -> None:
         merge_linear_regions(rw)
 
 
-STRUCTURAL_REPARAM = Pass("merge_branches", "exact", analysis=_reparameterize, doc=__doc__)
+STRUCTURAL_REPARAM = Pass("merge_branches", "exact", analysis=_reparameterize, needs=("shapes",), doc=__doc__)

@@ -16,8 +16,8 @@ A pass is written one of two ways, and both change the graph only through the `R
   stream, fusable neighbourhoods) and rewrites them through `rw`, recording as it goes.
 
 A pass states its exactness and what it needs from the capture route (`needs`: "example_inputs"
-for a pass that runs the model to measure); where a route lacks it, the pass is skipped with
-that reason. Dead nodes are removed after each pass; the GraphModule is recompiled once, by the
+for a pass that runs the model to measure, "shapes" for one that reasons on tensor shapes); where
+a route lacks it, the pass is skipped with that reason. Dead nodes are removed after each pass; the GraphModule is recompiled once, by the
 caller.
 """
 from __future__ import annotations
@@ -69,6 +69,9 @@ class Pass:
 # what a pass may need, and how to tell whether a graph has it
 ROUTE_FACTS: dict[str, Callable[[fx.GraphModule], bool]] = {
     "example_inputs": lambda gm: gm.meta.get("example_inputs") is not None,
+    # every capture route records shapes (shape propagation, export's `val`, Dynamo's
+    # `example_value`); a graph built by hand may not, and a pass that reasons on shapes says so
+    "shapes": lambda gm: any(k in n.meta for n in gm.graph.nodes for k in ("tensor_meta", "val", "example_value")),
 }
 
 
