@@ -176,8 +176,9 @@ def _adopt(work: nn.Module, name: str, gm: nn.Module, report: Report, derivation
 def _report_coverage(model, work, done, left, args, kwargs, report: Report):
     """The share of parameters and of multiply-adds (torch's FLOP counter, one run) in the
     optimized submodules."""
-    total = sum(p.numel() for p in model.parameters()) or 1
-    covered = sum(p.numel() for n in done for p in model.get_submodule(n).parameters())
+    total = sum(p.numel() for p in model.parameters()) or 1  # (each shared tensor once)
+    shared = {id(p): p for n in done for p in model.get_submodule(n).parameters()}
+    covered = sum(p.numel() for p in shared.values())
     flops = _flops_by_module(model, args, kwargs)
     root = type(model).__name__
     all_flops = flops.get(root, 0) or 1

@@ -78,7 +78,7 @@ def partial_coverage(report) -> tuple[float, float] | None:
 
 
 def _reason(e: BaseException) -> str:
-    line = (str(e).strip().splitlines() or [""])[0]
+    line = (re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip().splitlines() or [""])[0]  # no terminal colours
     return f"{type(e).__name__}: {line[:160]}"
 
 
