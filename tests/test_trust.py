@@ -297,3 +297,28 @@ def test_float64_verify_of_a_lowered_model_says_why_it_cannot():
     fast = optimize(model, x, lower="triton")
     with pytest.raises(ValueError, match="lowered Triton regions"):
         verify(model, fast, x, float64=True)
+
+
+@torch.fx.wrap
+def _add_cls_shortcut(x, shortcut):
+    """As torchvision's MViT: writes its first input in place; nothing reads what it returns."""
+    x[:, 1:] += shortcut[:, 1:]
+    return x
+
+
+class WrappedInPlace(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x):
+        y = self.lin(x)
+        _add_cls_shortcut(y, x)
+        return y.transpose(0, 1)
+
+
+def test_a_wrapped_function_that_writes_its_input_is_kept():
+    model = WrappedInPlace().eval()
+    fast = optimize(model, torch.randn(3, 5, 4))
+    x = torch.randn(3, 5, 4)
+    torch.testing.assert_close(fast(x), model(x), rtol=0, atol=0)

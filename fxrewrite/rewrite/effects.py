@@ -68,6 +68,8 @@ def mutated_args(node: fx.Node, module: nn.Module | None = None) -> list[fx.Node
         elif t in _INPLACE_OPERATORS or _inplace_flag(node) or (
                 getattr(t, "__name__", "").endswith("_") and not getattr(t, "__name__", "").startswith("__")):
             written = [first]
+        elif is_unknown_function(t):  # a user's `torch.fx.wrap`ped function: it may write any input
+            written = [a for a in node.args if isinstance(a, fx.Node)]
         if node.kwargs.get("out") is not None:
             written.append(node.kwargs["out"])
     elif node.op == "call_method":
@@ -79,6 +81,16 @@ def mutated_args(node: fx.Node, module: nn.Module | None = None) -> list[fx.Node
         if getattr(mod, "inplace", False) is True:
             written = [first]
     return [v for v in written if isinstance(v, fx.Node)]
+
+
+def is_unknown_function(t) -> bool:
+    """A called function this module knows nothing of: not an ATen overload, not torch's, Python's
+    or the library's own. `torch.fx.wrap` keeps such functions as one call (torchvision's MViT
+    adds its shortcut in place inside one, and uses nothing it returns), so whatever it does to
+    its inputs, it must be kept and not moved across."""
+    if isinstance(t, torch._ops.OpOverload) or t in PURE_HELPERS:
+        return False
+    return getattr(t, "__module__", None) not in _TORCH_MODULES + ("builtins", "math")
 
 
 def may_have_effects(node: fx.Node) -> bool:
@@ -94,7 +106,7 @@ def may_have_effects(node: fx.Node) -> bool:
             return True
         if node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload):
             return node.target._schema.is_mutable or node.is_impure()
-        return node.op == "call_function" and node.is_impure()
+        return node.op == "call_function" and (node.is_impure() or is_unknown_function(node.target))
     return False
 
 
