@@ -7,16 +7,7 @@ import torch.nn as nn
 
 from fxrewrite import CaptureError, optimize, verify
 
-
-def randomize_bn(model):
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.5, 0.5)
-                m.running_var.uniform_(0.5, 2.0)
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.5, 0.5)
-    return model
+from conftest import randomize_bn
 
 
 class Backbone(nn.Module):

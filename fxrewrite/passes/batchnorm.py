@@ -197,12 +197,12 @@ def view_chain(bn_input: fx.Node, bn: fx.Node):
     return node, views[::-1]
 
 
-def _run_view(view: fx.Node, t: torch.Tensor):
+def run_view(view: fx.Node, t: torch.Tensor):
     """`view` applied to `t`: a reordering op is called with its own (literal) arguments; any other
     keeps the row-major order, so it is a reshape to the view's recorded shape."""
     if view.target not in REORDERING:
         shape = tensor_shape(view)
-        return _shape_problem(view, shape) or t.reshape(shape)
+        return shape_problem(view, shape) or t.reshape(shape)
     computed = []
     fx.node.map_arg((view.args[1:], view.kwargs), computed.append)
     if computed:
@@ -214,7 +214,7 @@ def _run_view(view: fx.Node, t: torch.Tensor):
         return f"{view.name} failed on the channel map: {type(e).__name__}: {e}"
 
 
-def _shape_problem(node: fx.Node, shape) -> str | None:
+def shape_problem(node: fx.Node, shape) -> str | None:
     """Why `shape`, `node`'s, cannot decide the channel map: unknown, or symbolic (a dynamic axis,
     where one example size would not prove the map for the others)."""
     if shape is None:
@@ -229,13 +229,13 @@ def channel_order(producer: fx.Node, views: list[fx.Node]):
     axis 1; linear: the last axis), and each slice along axis 1 of the result must hold one index,
     a different one for each slice."""
     shape = tensor_shape(producer)
-    problem = _shape_problem(producer, shape)
+    problem = shape_problem(producer, shape)
     if problem:
         return problem
     axis = 1 if producer.target is ops.conv else len(shape) - 1
     t = torch.arange(shape[axis]).reshape([-1 if i == axis else 1 for i in range(len(shape))]).expand(shape)
     for view in views:
-        t = _run_view(view, t)
+        t = run_view(view, t)
         if isinstance(t, str):
             return t
     rows = t.movedim(1, 0).reshape(t.shape[1], -1)

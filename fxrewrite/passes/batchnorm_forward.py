@@ -45,7 +45,7 @@ from ..rewrite import ops
 from ..rewrite.passmanager import Pass, describe_node
 from ..rewrite.rewriter import Rewriter
 from ..rewrite.shapes import tensor_shape
-from .batchnorm import REORDERING, _run_view, _shape_problem, bn_scale, is_view, value_readers
+from .batchnorm import REORDERING, run_view, shape_problem, bn_scale, is_view, value_readers
 from .norm_affine import fold_linear_bias, fold_linear_weight
 
 aten = torch.ops.aten
@@ -92,10 +92,6 @@ def conv_in_bias(w, b, t, groups):
 
 
 # ---------------------------------------------------------------- finding the readers
-
-def _is(n, target) -> bool:
-    return isinstance(n, fx.Node) and n.op == "call_function" and n.target is target
-
 
 def _name(n: fx.Node) -> str:
     what = ops.short_name(n.target) if n.op in ("call_function", "call_method") else n.op
@@ -160,7 +156,7 @@ def find_readers(bn: fx.Node):
     while todo:
         v, chain = todo.pop(0)
         for u in value_readers(v):
-            if _is(u, aten._assert_tensor_metadata.default):
+            if ops.is_call(u, aten._assert_tensor_metadata.default):
                 continue  # a check of dtype and shape, which the fold keeps
             first = (u.op == "call_function" or is_view(u)) and _only_first_arg(u, v)
             if first and _mover(u):
@@ -199,7 +195,7 @@ def _example_shape(bn: fx.Node, chain: list[fx.Node]):
     """The BN's output shape to run the views on, or the reason there is none: a symbolic size
     (a dynamic axis) becomes 2 where the views are `_size_free`."""
     shape = tensor_shape(bn)
-    problem = _shape_problem(bn, shape)
+    problem = shape_problem(bn, shape)
     if problem and shape is not None and isinstance(shape[1], int) and _size_free(chain):
         return tuple(d if isinstance(d, int) else 2 for d in shape)
     return problem or shape
@@ -218,7 +214,7 @@ def channel_map(bn: fx.Node, chain: list[fx.Node], axis: int):
     for node in chain:
         if node.target in _SAME_SHAPE:
             continue
-        t = _run_pad(node, t) if pad_spec(node) is not None else _run_view(node, t)
+        t = _run_pad(node, t) if pad_spec(node) is not None else run_view(node, t)
         if isinstance(t, str):
             return t
     axis = axis % t.dim()
@@ -302,7 +298,7 @@ def fold_bn_forward(rw: Rewriter) -> None:
     """Every eval BatchNorm whose readers are all linears / unpadded convs (through views) goes
     into them (module docstring). Last BN first, so that a BN -> BN -> linear folds both."""
     for bn in reversed(list(rw.graph.nodes)):
-        if bn.graph is None or not _is(bn, ops.batch_norm) or not bn.users:
+        if bn.graph is None or not ops.is_call(bn, ops.batch_norm) or not bn.users:
             continue
         reason = _bn_reason(bn)
         readers, reason = ([], reason) if reason else find_readers(bn)

@@ -62,10 +62,6 @@ def fold_linear_bias(w, b, c):
 
 # ================================================================ fold_norm_affine: the analysis
 
-def _is(n, target) -> bool:
-    return isinstance(n, fx.Node) and n.op == "call_function" and n.target is target
-
-
 def _describe_reader(n: fx.Node) -> str:
     return f"{n.name} ({ops.short_name(n.target) if n.op == 'call_function' else n.op})"
 
@@ -98,10 +94,10 @@ def _linear_readers(norm: fx.Node) -> tuple[list[tuple[fx.Node, fx.Node]], str |
     while todo:
         v = todo.pop(0)
         for u in v.users:
-            if u in seen or _is(u, aten._assert_tensor_metadata.default):
+            if u in seen or ops.is_call(u, aten._assert_tensor_metadata.default):
                 continue
             seen.add(u)
-            if _is(u, ops.linear) and ops.arg(u, "input") is v and ops.arg(u, "weight") is not v \
+            if ops.is_call(u, ops.linear) and ops.arg(u, "input") is v and ops.arg(u, "weight") is not v \
                     and ops.arg(u, "bias") is not v:
                 linears.append((u, v))
             elif _last_axis_kept(u, v):

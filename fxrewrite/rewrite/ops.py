@@ -124,6 +124,11 @@ class _Missing:
 _MISSING = _Missing()
 
 
+def is_call(node, op) -> bool:
+    """Whether `node` is a graph node calling the canonical `op`."""
+    return isinstance(node, fx.Node) and node.op == "call_function" and node.target is op
+
+
 def short_name(target) -> str:
     """A readable name for an op target, for reports."""
     if isinstance(target, torch._ops.OpOverload):
