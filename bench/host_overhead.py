@@ -46,6 +46,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_norm import AddRMS  # noqa: E402  (h = x + r; returns (h, rms_norm(h)))
 
 
 # ---------------------------------------------------------------- region kinds
@@ -57,18 +58,6 @@ class RMS(nn.Module):
 
     def forward(self, x, r):
         return self.norm(x)
-
-
-class AddRMS(nn.Module):
-    """h = x + r; returns (h, rms_norm(h)): the residual stream is a second output."""
-
-    def __init__(self, n):
-        super().__init__()
-        self.norm = nn.RMSNorm(n, eps=1e-6)
-
-    def forward(self, x, r):
-        h = x + r
-        return h, self.norm(h)
 
 
 class LNGELU(nn.Module):
