@@ -166,7 +166,7 @@ def _adopt(work: nn.Module, name: str, gm: nn.Module, report: Report, derivation
     parent_name, _, leaf = name.rpartition(".")
     setattr(work.get_submodule(parent_name) if parent_name else work, leaf, gm)
     for r in gm.report.records:
-        (report.records.append(type(r)(r.pass_name, f"{name}.{r.node}", r.action, r.detail)))
+        report.records.append(type(r)(r.pass_name, f"{name}.{r.node}", r.action, r.detail))
     for d in getattr(gm, "derivations", []):
         derivations.append(Derivation(f"{name}.{d.target}", d.fn, tuple(
             f"{name}.{s}" if isinstance(s, str) else s for s in d.sources), d.pass_name))
