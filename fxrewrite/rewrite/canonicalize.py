@@ -27,7 +27,7 @@ from torch.nn.utils import parametrize
 
 from . import ops
 from .attrs import fetch_attr
-from .computed_weights import Computed, computed_tensors, parametrization_call
+from .computed_weights import Computed, computation_node, computed_tensors, parametrization_call
 from .dce import eliminate_dead_code
 from .effects import hooks_of, mutated_args
 from .report import Report
@@ -88,10 +88,9 @@ class _Ctx:
         return self.graph.create_node("get_attr", target)
 
     def _computed(self, owner: str, how: Computed) -> fx.Node:
-        sources = [self.graph.create_node("get_attr", f"{owner}.{s}".strip(".")) for s in how.sources]
-        node = self.graph.call_function(how.fn, tuple(sources), how.kwargs)
+        node = computation_node(self.graph, owner, how)
         with torch.no_grad():
-            value = how.fn(*(fetch_attr(self.gm, s.target) for s in sources), **how.kwargs)
+            value = how.fn(*(fetch_attr(self.gm, s.target) for s in node.args), **how.kwargs)
         node.meta["tensor_meta"] = tensor_metadata(value)
         return node
 

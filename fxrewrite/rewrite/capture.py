@@ -22,7 +22,7 @@ from torch.fx._lazy_graph_module import _LazyGraphModule
 
 from .clone import clone_inputs, copy_model, preserved_state
 from .dynamic import batch_of_two, dynamic_shapes, report_axes
-from .computed_weights import LEGACY_WEIGHT_HOOKS, computed_tensors
+from .computed_weights import LEGACY_WEIGHT_HOOKS, computation_node, computed_tensors
 from .effects import hooks_of
 from .mode import follow_mode, traced_mode_facts, training_ops
 from .report import Report
@@ -211,7 +211,7 @@ def _inline_root_weight_hooks(root: nn.Module, gm: fx.GraphModule, report: Repor
             setattr(gm, source, getattr(root, source))
         for node in [n for n in gm.graph.nodes if n.op == "get_attr" and n.target == hook.name]:
             with gm.graph.inserting_before(node):
-                value = gm.graph.call_function(how.fn, tuple(gm.graph.get_attr(s) for s in how.sources), how.kwargs)
+                value = computation_node(gm.graph, "", how)
             node.replace_all_uses_with(value)
             gm.graph.erase_node(node)
         delattr(gm, hook.name)

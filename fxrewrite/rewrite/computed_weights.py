@@ -67,6 +67,13 @@ def parametrization_call(plist: nn.Module) -> Computed:
     return Computed(parametrized_value, [""] + _original_names(plist))
 
 
+def computation_node(graph, owner: str, how: Computed):
+    """The node computing `how` for the module at path `owner` ("" for the root), reading its
+    sources by `get_attr`, at the graph's current insertion point."""
+    sources = [graph.create_node("get_attr", f"{owner}.{s}".strip(".")) for s in how.sources]
+    return graph.call_function(how.fn, tuple(sources), how.kwargs)
+
+
 def computed_tensors(mod: nn.Module) -> dict[str, Computed] | str:
     """The tensors `mod` computes on each call, by name, or the reason they cannot be written as
     nodes (then the module stays one call). Empty when it computes none."""
