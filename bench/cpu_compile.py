@@ -54,7 +54,7 @@ from common import machine, medians_interleaved, randomize_bn, table  # noqa: E4
 
 import fxrewrite.backend  # noqa: E402,F401  (registers the backend when the entry point is not installed)
 
-MODELS = "resnet50,repvgg_a0,mobileone_s0,nf_resnet26"
+MODELS = "resnet50,repvgg_a0,mobileone_s0,nf_resnet26,repvit_m0_9,fastvit_t8"
 VARIANTS = ("eager", "inductor", "inductor+freeze", "rewrite")
 BASELINES = ("inductor", "inductor+freeze")
 

@@ -1,20 +1,25 @@
 """Benchmark the generated norm-region kernels against eager PyTorch and torch.compile.
 
     python bench/gpu_norm.py                      # CUDA: M in {4096, 32768}, N in {1024, 4096, 8192}, bf16
+    python bench/gpu_norm.py --M 1 16 64 --N 4096 # decode shapes: a few rows, where the launch dominates
     TRITON_INTERPRET=1 python bench/gpu_norm.py --smoke     # CPU interpreter, tiny sizes, checks only
 
 For each region (RMSNorm, add+RMSNorm with the residual as a second output, RMSNorm+SiLU,
 LayerNorm+GELU, DyT, DyT+SmeLU) the region is written as a small nn.Module, lowered with
 `optimize(..., lower="triton")`, checked against eager, then timed:
 
-  ours      the lowered module's fused kernel, launched through `torch.ops.fxrewrite.fused_region`
+  ours      the lowered module's fused kernel (the graph calls `runtime.call_region`)
   eager     the module as written (PyTorch eager)
   compile   torch.compile of the same module (Inductor, default mode)
 
 Times are medians of `triton.testing.do_bench_cudagraph` (CUDA-graph replays: device time with
-the Python launch cost removed, the same treatment for all three), plus `ours_launch`, the median
-of plain `do_bench` on the lowered module (includes the Python/launch overhead a user sees
-without CUDA graphs). Effective bandwidth = bytes that must move (each input read once, each
+the Python launch cost removed, the same treatment for all three). "wall" times are what a user
+sees without CUDA graphs, launch included: per round, each arm runs `--wall-calls` calls back to
+back between two synchronisations and the wall time is divided by the calls (so it is the larger
+of host time and device time per call, as in a decode loop); the arms alternate round-robin in a
+rotated order and the median over `--wall-rounds` rounds is reported; "graphs" is the lowered module behind
+`fxrewrite.cudagraphs.cuda_graphs` (one CUDA-graph replay per call, outputs cloned), timed the same
+way. Effective bandwidth = bytes that must move (each input read once, each
 output written once) / time. The ceiling is the best measured device-to-device copy (bytes read +
 written / time) of 256 MiB and 1 GiB buffers, by `Tensor.copy_` or by a plain Triton copy kernel.
 """
@@ -34,6 +39,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from fxrewrite import optimize  # noqa: E402
+from fxrewrite.cudagraphs import cuda_graphs  # noqa: E402
 from fxrewrite.rewrite.nn import DyT, SmeLU  # noqa: E402
 
 
@@ -180,6 +186,29 @@ def copy_bandwidth(device) -> dict[str, float]:
     return found
 
 
+def wall_times(fns: dict, calls: int, rounds: int) -> dict[str, float]:
+    """Median over rounds of the wall time per call (ms) of `calls` back-to-back calls of each
+    arm between synchronisations; the arms alternate round-robin, rotated each round."""
+    import statistics
+    import time
+    names = list(fns)
+    times = {n: [] for n in names}
+    with torch.no_grad():
+        for n in names:  # warm-up
+            for _ in range(3):
+                fns[n]()
+        torch.cuda.synchronize()
+        for r in range(rounds):
+            for n in names[r % len(names):] + names[:r % len(names)]:
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                for _ in range(calls):
+                    fns[n]()
+                torch.cuda.synchronize()
+                times[n].append((time.perf_counter() - t0) * 1e3 / calls)
+    return {n: statistics.median(t) for n, t in times.items()}
+
+
 def run_gpu(args):
     import triton
     import triton.testing as tt
@@ -203,38 +232,47 @@ def run_gpu(args):
                     outs = _flat(m(*xs))
                 nbytes = _bytes(xs, outs, m.parameters())
                 res = {"region": name, "M": M, "N": N, "err": err, "bytes": nbytes}
+                arms = {"ours": lambda: fast(*xs), "eager": lambda: m(*xs), "compile": lambda: comp(*xs)}
                 with torch.no_grad():
-                    for label, fn in (("ours", fast), ("eager", m), ("compile", comp)):
-                        res[label] = tt.do_bench_cudagraph(lambda: fn(*xs), rep=args.rep)
-                    res["ours_launch"] = tt.do_bench(lambda: fast(*xs), warmup=25, rep=args.rep,
-                                                     return_mode="median")
-                for label in ("ours", "eager", "compile", "ours_launch"):
+                    for label, fn in arms.items():
+                        res[label] = tt.do_bench_cudagraph(fn, rep=args.rep)
+                graphed = cuda_graphs(fast)  # the lowered module replayed as a CUDA graph (clones its outputs)
+                with torch.no_grad():
+                    for g, w in zip(_flat(graphed(*xs)), _flat(fast(*xs))):
+                        assert torch.equal(g, w), "the CUDA graph replay differs from the lowered module"
+                wall_arms = {**arms, "graphs": lambda: graphed(*xs)}
+                for label, ms in wall_times(wall_arms, args.wall_calls, args.wall_rounds).items():
+                    res[label + "_wall"] = ms
+                for label in ("ours", "eager", "compile"):
                     res[label + "_tbs"] = nbytes / (res[label] * 1e-3) / 1e12
                 res["ours_pct_copy"] = 100 * nbytes / (res["ours"] * 1e-3) / ceiling
                 rows.append(res)
                 print(json.dumps(res), flush=True)
-                del m, fast, xs, comp
+                del m, fast, xs, comp, graphed
                 torch.cuda.empty_cache()
     print()
     print(f"bf16, median device time (CUDA-graph replay), effective TB/s; copy ceiling {ceiling / 1e12:.2f} TB/s")
     head = (f"{'region':<15}{'M':>6}{'N':>6} | {'ours us':>8}{'TB/s':>6}{'%copy':>6} | {'eager us':>8}{'TB/s':>6}"
-            f" | {'compile us':>10}{'TB/s':>6} | {'vs compile':>10} | {'ours+launch us':>14}")
+            f" | {'compile us':>10}{'TB/s':>6} | {'vs compile':>10} | {'wall us: ours':>13}{'eager':>7}{'compile':>8}"
+            f"{'graphs':>7} | {'wall vs eager':>13}")
     print(head)
     print("-" * len(head))
     for r in rows:
         print(f"{r['region']:<15}{r['M']:>6}{r['N']:>6} | {r['ours'] * 1e3:>8.1f}{r['ours_tbs']:>6.2f}"
               f"{r['ours_pct_copy']:>6.0f} | {r['eager'] * 1e3:>8.1f}{r['eager_tbs']:>6.2f} | "
               f"{r['compile'] * 1e3:>10.1f}{r['compile_tbs']:>6.2f} | {r['compile'] / r['ours']:>9.2f}x |"
-              f" {r['ours_launch'] * 1e3:>14.1f}")
+              f" {r['ours_wall'] * 1e3:>13.1f}{r['eager_wall'] * 1e3:>7.1f}{r['compile_wall'] * 1e3:>8.1f}"
+              f"{r['graphs_wall'] * 1e3:>7.1f}"
+              f" | {r['eager_wall'] / r['ours_wall']:>12.2f}x")
     if args.json:
         Path(args.json).write_text(json.dumps({"ceiling": ceiling, "copies": copies, "rows": rows}, indent=1))
 
 
 def fused_call(fast, xs):
     """(spec text, input tensors) of the one fused-region call in a lowered module."""
-    from fxrewrite.codegen.runtime import OP
+    from fxrewrite.codegen.runtime import is_region_call
     from fxrewrite.rewrite.attrs import fetch_attr
-    node = next(n for n in fast.graph.nodes if n.target is OP)
+    node = next(n for n in fast.graph.nodes if is_region_call(n))
     ph = [n for n in fast.graph.nodes if n.op == "placeholder"]
     env = dict(zip(ph, xs))
     return node.args[0], [env[a] if a.op == "placeholder" else fetch_attr(fast, a.target) for a in node.args[1]]
@@ -297,6 +335,8 @@ def main():
     ap.add_argument("--M", nargs="*", type=int, default=[4096, 32768])
     ap.add_argument("--N", nargs="*", type=int, default=[1024, 4096, 8192])
     ap.add_argument("--rep", type=int, default=200, help="do_bench repetition time, ms")
+    ap.add_argument("--wall-calls", type=int, default=50, help="back-to-back calls per wall-time measurement")
+    ap.add_argument("--wall-rounds", type=int, default=21, help="round-robin rounds of wall-time measurement")
     ap.add_argument("--json", help="write all numbers here")
     ap.add_argument("--sweep", action="store_true", help="time (ROWS, num_warps) choices (CUDA)")
     args = ap.parse_args()

@@ -7,19 +7,23 @@
 For each region kind (RMSNorm; add + RMSNorm with the residual as a second output; LayerNorm +
 GELU) a tiny module is lowered with `optimize(model, x, lower="triton")`, and the fused call's
 spec and input tensors are read off the lowered graph (an `fx.Interpreter` records the
-arguments of the one `fxrewrite::fused_region` call). Three arms are then timed round-robin
+arguments of the one fused-region call). Four arms are then timed round-robin
 (every round runs each arm once, in a rotated order, so a slow spell of a shared machine hits
 all of them), under `torch.no_grad()` (inference), each timed call alone:
 
-  op        `torch.ops.fxrewrite.fused_region.default(spec, inputs)`: the call the lowered graph
-            makes (dispatcher, custom-op wrappers, backend choice, launch planning cache,
-            output allocation, launch)
+  call      `runtime.call_region(spec, inputs)`: the call the lowered graph makes; on a plain
+            eager call (real tensors, no gradient to record, no compiler, tracer or mode) it
+            runs the launcher directly (backend choice, launch-plan cache, output allocation,
+            launch)
+  op        `torch.ops.fxrewrite.fused_region.default(spec, inputs)`: the custom op, which
+            compile, export, dispatch modes and autograd go through (dispatcher, custom-op
+            wrappers, then the same launcher)
   launcher  `runtime.run_triton(spec, inputs)`: the launcher the op's implementation calls
   kernel    `kernel[grid](*args, **kwargs)`: the same Triton kernel object with the exact
             arguments the launcher passes (`runtime.launch_args`), outputs allocated once
 
 Reported per region: the median of each arm (µs) and the medians of the per-round differences
-op − kernel and launcher − kernel (the wrapper's cost, measured in one run).
+call − kernel, op − kernel and launcher − kernel (the wrapper's cost, measured in one run).
 
 Two tables. "kernel" runs the real kernel; in Triton's interpreter it takes milliseconds, so
 its jitter (tens of µs) is larger than the wrapper. "wrapper" replaces the kernel, for the
@@ -86,12 +90,12 @@ class Case:
 
 def fused_call_args(gm: fx.GraphModule, *xs):
     """(spec, inputs) of the lowered graph's one fused-region call, recorded while it runs."""
-    from fxrewrite.codegen.runtime import OP
+    from fxrewrite.codegen.runtime import OP, call_region
     calls = []
 
     class Recorder(fx.Interpreter):
         def call_function(self, target, args, kwargs):
-            if target is OP:
+            if target is OP or target is call_region:
                 calls.append(args)
             return super().call_function(target, args, kwargs)
 
@@ -120,7 +124,7 @@ def build_case(region: str, shape=(4, 64), dtype=torch.float32, device="cpu") ->
 # ---------------------------------------------------------------- the three arms
 
 def arms(case: Case) -> dict:
-    """name -> zero-argument callable returning the outputs: op, launcher, kernel."""
+    """name -> zero-argument callable returning the outputs: call, op, launcher, kernel."""
     from fxrewrite.codegen import runtime
     spec, inputs = case.spec, case.inputs
     kernel, grid, args, kwargs, outs = runtime.launch_args(spec, inputs)
@@ -131,7 +135,8 @@ def arms(case: Case) -> dict:
         kernel[grid](*args, **kwargs)
         return outs
 
-    return {"op": lambda: runtime.OP(spec, inputs),
+    return {"call": lambda: runtime.call_region(spec, inputs),
+            "op": lambda: runtime.OP(spec, inputs),
             "launcher": lambda: runtime.run_triton(spec, inputs),
             "kernel": direct}
 
@@ -184,9 +189,9 @@ def time_round_robin(fns: dict, rounds: int, warmup: int = 3, sync=None) -> dict
 
 def summarise(times: dict[str, list[float]]) -> dict:
     med = {n: statistics.median(t) for n, t in times.items()}
-    diff = {n: statistics.median([a - c for a, c in zip(times[n], times["kernel"])]) for n in ("op", "launcher")}
-    return {"op µs": med["op"], "launcher µs": med["launcher"], "kernel µs": med["kernel"],
-            "op − kernel µs": diff["op"], "launcher − kernel µs": diff["launcher"]}
+    diff = {n: statistics.median([a - c for a, c in zip(times[n], times["kernel"])]) for n in ("call", "op", "launcher")}
+    return {"call µs": med["call"], "op µs": med["op"], "launcher µs": med["launcher"], "kernel µs": med["kernel"],
+            "call − kernel µs": diff["call"], "op − kernel µs": diff["op"], "launcher − kernel µs": diff["launcher"]}
 
 
 def measure(case: Case, rounds: int, null_rounds: int) -> tuple[dict, dict]:
@@ -204,16 +209,17 @@ def check_arms(case: Case) -> dict[str, list[torch.Tensor]]:
 
 
 def profile(case: Case, calls: int = 5000, top: int = 25) -> None:
-    """cProfile of `calls` op calls with the null kernel: where the wrapper's time goes."""
+    """cProfile of `calls` lowered-graph calls (`call_region`) with the null kernel: where the
+    wrapper's time goes."""
     import cProfile
     import pstats
     from fxrewrite.codegen import runtime
     with null_kernels(), torch.no_grad():
-        runtime.OP(case.spec, case.inputs)
+        runtime.call_region(case.spec, case.inputs)
         prof = cProfile.Profile()
         prof.enable()
         for _ in range(calls):
-            runtime.OP(case.spec, case.inputs)
+            runtime.call_region(case.spec, case.inputs)
         prof.disable()
     pstats.Stats(prof).sort_stats("tottime").print_stats(top)
 
@@ -251,7 +257,7 @@ def main(argv=None) -> int:
             case = build_case(region, shape, dtype, device)
             cases.append(case)
             outs = check_arms(case)
-            same = all(torch.equal(a, b) for name in ("op", "launcher")
+            same = all(torch.equal(a, b) for name in ("call", "op", "launcher")
                        for a, b in zip(outs[name], outs["kernel"]))
             real, wrapper = measure(case, rounds, args.null_rounds)
             head = {"region": region, "shape": "x".join(map(str, shape)), "dtype": str(dtype).replace("torch.", ""),
@@ -261,8 +267,8 @@ def main(argv=None) -> int:
             print(f"{region} {shape}: real {real}, wrapper {wrapper}", file=sys.stderr, flush=True)
 
     import triton
-    cols = ["region", "shape", "dtype", "same values", "op µs", "launcher µs", "kernel µs",
-            "op − kernel µs", "launcher − kernel µs"]
+    cols = ["region", "shape", "dtype", "same values", "call µs", "op µs", "launcher µs", "kernel µs",
+            "call − kernel µs", "op − kernel µs", "launcher − kernel µs"]
     where = "Triton interpreter (TRITON_INTERPRET=1), CPU" if device == "cpu" else torch.cuda.get_device_name()
     print(f"Machine: {machine()}, triton {triton.__version__}; kernels on {where}; "
           f"torch.no_grad(); medians of round-robin timings, differences are medians of per-round differences.\n")
@@ -271,7 +277,7 @@ def main(argv=None) -> int:
     print(f"\nWrapper alone: the kernel replaced by a no-op ({args.null_rounds} rounds):\n")
     print(table(null_rows, cols))
     if args.profile:
-        print("\ncProfile of the op with the no-op kernel (first case):\n")
+        print("\ncProfile of call_region with the no-op kernel (first case):\n")
         profile(cases[0])
     return 0 if all(r["same values"] == "yes" for r in real_rows) else 1
 

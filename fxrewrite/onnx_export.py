@@ -231,8 +231,7 @@ def lowered_decompositions(model: nn.Module) -> dict:
     translation for. Today: `fxrewrite.fused_region` (Triton-lowered regions, `codegen`), whose
     meaning is its eager reference (`codegen.reference.run_reference`), made of ATen ops."""
     graph = getattr(model, "graph", None)
-    if graph is None or not any(n.op == "call_function" and getattr(n.target, "namespace", None) == "fxrewrite"
-                                for n in graph.nodes):
+    if graph is None or not any(n.op == "call_function" and _is_region_target(n.target) for n in graph.nodes):
         return {}
     import json
 
@@ -243,6 +242,12 @@ def lowered_decompositions(model: nn.Module) -> dict:
         outs = run_reference(json.loads(spec), inputs)
         return [t.clone() if any(t is i for i in inputs) else t for t in outs]  # a graph output may not be an input
     return {OP: fused_region}
+
+
+def _is_region_target(t) -> bool:
+    """The fused-region op, or `codegen.runtime.call_region` that lowered graphs call (told apart
+    without importing codegen, which models without lowered regions never need)."""
+    return getattr(t, "namespace", None) == "fxrewrite" or getattr(t, "__module__", None) == "fxrewrite.codegen.runtime"
 
 
 def check_domains(proto, path: str) -> list:

@@ -63,7 +63,7 @@ def randomise(m: nn.Module) -> nn.Module:
 
 
 def fused_calls(gm):
-    return [n for n in gm.graph.nodes if n.target is OP]
+    return [n for n in gm.graph.nodes if runtime.is_region_call(n)]
 
 
 def lower(model, *xs, dtype=torch.float32):
@@ -593,3 +593,56 @@ def test_a_tanh_activation_is_not_taken_for_a_dyt():
     gm = optimize(M(), torch.randn(2, 8), passes=[])
     tanhs = [n for n in gm.graph.nodes if n.target is torch.ops.aten.tanh.default]
     assert len(tanhs) == 2 and all(describe_norm(gm, n) is None for n in tanhs)
+
+
+# ---------------------------------------------------------------- direct call vs the op
+
+@pytest.fixture
+def op_calls(monkeypatch):
+    """Calls that went through the custom op (not `call_region`'s direct path)."""
+    calls = []
+    real = runtime.OP
+
+    def spy(spec, inputs):
+        calls.append(spec)
+        return real(spec, inputs)
+
+    monkeypatch.setattr(runtime, "OP", spy)
+    return calls
+
+
+def test_plain_eager_calls_skip_the_dispatcher_others_do_not(op_calls, launches):
+    """`call_region` runs the implementation directly only when no one needs to see the op: a
+    no-grad eager call. With gradients to record, under a dispatch mode (FlopCounterMode here)
+    or with fake tensors, it goes through the op, and all give the same values."""
+    from torch.utils.flop_counter import FlopCounterMode
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    xs = [torch.randn(5, 24, device=DEVICE or "cpu") for _ in range(2)]
+    model, fast = lower(AddRMS2(24), *xs)
+    with torch.no_grad():
+        want = flat(model(*xs))
+        direct = flat(fast(*xs))
+    assert op_calls == []
+    grad_in = [x.clone().requires_grad_() for x in xs]
+    through_op = flat(fast(*grad_in))
+    assert len(op_calls) == 1
+    with torch.no_grad(), FlopCounterMode(display=False):
+        under_mode = flat(fast(*xs))
+    assert len(op_calls) == 2
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode, torch.no_grad():  # the weights stay real
+        fake = flat(fast(*[mode.from_tensor(x) for x in xs]))
+    assert len(op_calls) == 3 and [tuple(f.shape) for f in fake] == [tuple(w.shape) for w in want]
+    for got in (direct, through_op, under_mode):
+        for g, w in zip(got, want):
+            close(g.detach(), w, torch.float32)
+    if DEVICE is not None:
+        assert len(launches) == 3  # direct, with grad, under the mode: the kernel each time
+
+
+def test_region_call_is_pure_for_graph_analyses():
+    from fxrewrite.rewrite import effects
+    xs = [torch.randn(3, 16) for _ in range(2)]
+    _, fast = lower(AddRMS2(16), *xs)
+    (call,) = fused_calls(fast)
+    assert call.target is runtime.call_region
+    assert effects.is_pure_value(call) and not effects.may_have_effects(call)

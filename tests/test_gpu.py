@@ -60,7 +60,8 @@ def _random(m: nn.Module) -> nn.Module:
 
 
 def _fused(gm) -> int:
-    return sum(1 for n in gm.graph.nodes if "fused_region" in str(n.target))
+    from fxrewrite.codegen.runtime import is_region_call
+    return sum(map(is_region_call, gm.graph.nodes))
 
 
 def _inputs(cls, M, N, dtype):
@@ -143,3 +144,27 @@ def test_llama_tiny_lowered_on_cuda():
         got = fast(ids)
     got = got.logits if hasattr(got, "logits") else (got["logits"] if isinstance(got, dict) else got[0])
     torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
+
+
+def test_cuda_graphs_replay_the_lowered_module_per_shape():
+    """`cuda_graphs` gives the lowered module's values bit for bit (the same kernels, replayed),
+    one graph per input shape, at most `max_graphs` kept, outputs not overwritten by the next call."""
+    from fxrewrite.cudagraphs import cuda_graphs
+    model = _random(AddRMSSiLU(512)).cuda().to(torch.bfloat16).eval()
+    xs = _inputs(AddRMSSiLU, 4, 512, torch.bfloat16)
+    fast = optimize(model, xs, lower="triton")
+    graphed = cuda_graphs(fast, max_graphs=2)
+    with torch.no_grad():
+        for rows in (4, 1, 4, 7, 1):
+            ins = _inputs(AddRMSSiLU, rows, 512, torch.bfloat16)
+            got, want = graphed(*ins), fast(*ins)
+            for g, w in zip(got, want):
+                assert torch.equal(g, w), rows
+        # 4: capture; 1: capture; 4: replay; 7: capture, evicts 1 (least recently used); 1: capture, evicts 4
+        assert graphed.captures == 4 and len(graphed._graphs) == 2
+        first = graphed(*xs)  # 4 rows again: capture 5
+        kept = [t.clone() for t in first]
+        graphed(*[torch.randn_like(x) for x in xs])
+        assert all(torch.equal(a, b) for a, b in zip(first, kept))  # cloned outputs
+    out = graphed(*[x.clone().requires_grad_() for x in xs])  # with gradients: eager, not a graph
+    assert out[1].requires_grad and graphed.captures == 5

@@ -41,11 +41,11 @@ def bench():
 def test_arms_compute_the_same_values(bench, region, launches):
     case = bench.build_case(region, (4, 64), torch.float32, DEVICE)
     outs = bench.check_arms(case)
-    assert set(outs) == {"op", "launcher", "kernel"}
+    assert set(outs) == {"call", "op", "launcher", "kernel"}
     assert launches  # the op ran the generated kernel, not the eager fallback
     want = run_reference(ir.loads(case.spec), case.inputs)
     assert len(outs["kernel"]) == len(want) == (2 if region == "add_rmsnorm" else 1)
-    for name in ("op", "launcher"):
+    for name in ("call", "op", "launcher"):
         for got, ref in zip(outs[name], outs["kernel"]):
             assert torch.equal(got, ref), name  # one kernel, the same arguments: bitwise
     for got, ref in zip(outs["kernel"], want):

@@ -4,8 +4,9 @@
 
 Every row-wise norm (LayerNorm, RMSNorm, DyT, eval BatchNorm left unfolded) is grown into a
 region over its elementwise neighbours (`regions`), described as plain data (`ir`), and replaced
-in the graph by one call of `torch.ops.fxrewrite.fused_region(spec, inputs)` whose outputs are
-the region's values read outside it. At run time the op emits Triton source for the region
+in the graph by one call of `torch.ops.fxrewrite.fused_region(spec, inputs)` (through
+`runtime.call_region`, which skips the dispatcher on plain eager calls) whose outputs are the
+region's values read outside it. At run time the op emits Triton source for the region
 (`emit`), caches, compiles and launches it (`runtime`); on CPU without TRITON_INTERPRET=1 it runs
 the region's eager reference (`reference`), which also defines the backward.
 
@@ -27,13 +28,20 @@ from .emit import kernel_name
 from .ir import dumps, spec_hash
 from .regions import NotFusable, Region, find_regions, grow_regions, is_meta_check, positions
 
-__all__ = ["LOWER_TRITON", "find_regions", "Region", "fused_region_op"]
+__all__ = ["LOWER_TRITON", "find_regions", "Region", "fused_region_op", "region_call"]
 
 
 def fused_region_op():
     """The `fxrewrite::fused_region` op (importing the runtime registers it; no triton import)."""
     from .runtime import OP
     return OP
+
+
+def region_call():
+    """What lowered graphs call: `runtime.call_region`, the op minus its dispatch cost on plain
+    eager calls (the op itself under compile, export, tracing, modes and autograd)."""
+    from .runtime import call_region
+    return call_region
 
 
 def lower_regions(rw: Rewriter) -> list[Region]:
@@ -45,7 +53,7 @@ def lower_regions(rw: Rewriter) -> list[Region]:
     region would ever match the norms of exported language models. Each region is grown on the
     graph as the regions before it left it (their nodes are gone by then), so none is claimed.
     """
-    gm, op, lowered = rw.gm, fused_region_op(), []
+    gm, op, lowered = rw.gm, region_call(), []
     order = positions(gm.graph)  # one numbering for all regions (renumbering per region is quadratic)
     any_norm = False
     for node, found in grow_regions(gm, order, claimed=set()):

@@ -36,6 +36,7 @@ from pathlib import Path
 
 import torch
 
+from ..rewrite.effects import declare_pure
 from . import emit
 from .ir import DTYPES, compute_dtype, dtype_name, loads, reduce_ndim, spec_hash
 from .reference import fresh_outputs, run_reference
@@ -43,8 +44,27 @@ from .reference import fresh_outputs, run_reference
 # ---------------------------------------------------------------- where it runs
 
 
+_ENV_DATA = getattr(os.environ, "_data", None)  # CPython's backing dict of os.environ (encoded keys)
+
+
+def _env(name: str) -> str | None:
+    """os.environ.get(name), read on every region call. `os.environ.get` of an unset variable
+    goes through a KeyError inside Mapping.get (~2 µs, a tenth of a decode-shape call); the
+    backing dict answers in ~0.1 µs and is what `os.environ` itself writes to."""
+    if _ENV_DATA is None:
+        return os.environ.get(name)
+    key = _ENV_KEYS.get(name)
+    if key is None:
+        key = _ENV_KEYS[name] = os.environ.encodekey(name)
+    v = _ENV_DATA.get(key)
+    return None if v is None else os.environ.decodevalue(v)
+
+
+_ENV_KEYS: dict[str, object] = {}  # name -> os.environ's encoding of it
+
+
 def use_interpreter() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
+    return _env("TRITON_INTERPRET") == "1"
 
 
 _TRITON_IMPORTED = False  # set once `import triton` has succeeded (a failure is retried each call)
@@ -66,15 +86,19 @@ _KERNEL_DTYPES = frozenset(DTYPES.values())  # the torch dtypes a kernel takes (
 
 
 def backend_for(inputs: list[torch.Tensor]) -> str:
-    """'triton' or 'reference' for these tensors (see the module docstring). The environment is
+    """'triton' or 'reference' for these tensors (see the module docstring): 'triton' when they
+    all sit on one device a kernel runs on and have dtypes a kernel takes. The environment is
     read on every call (tests and users may change it between calls)."""
-    if not inputs or os.environ.get("FXREWRITE_CODEGEN") == "reference":
+    if not inputs or _env("FXREWRITE_CODEGEN") == "reference":
         return "reference"
-    dev = inputs[0].device
+    first = inputs[0]
+    cuda, index = first.is_cuda, first.get_device()  # (cheap tensor attributes: `.device.type` costs ~1 µs)
+    if not (cuda or first.is_cpu):
+        return "reference"
     for t in inputs:
-        if t.device != dev:
+        if t.dtype not in _KERNEL_DTYPES or t.is_cuda != cuda or t.get_device() != index:
             return "reference"
-    if dev.type == "cuda" or (dev.type == "cpu" and use_interpreter()):
+    if cuda or use_interpreter():
         return "triton" if triton_available() else "reference"
     return "reference"
 
@@ -196,11 +220,15 @@ class LRU:
         self._lock = threading.Lock()
 
     def get(self, key):
-        with self._lock:
-            value = self._d.get(key)
-            if value is not None:
+        # no lock on the hit path (every region call takes it): OrderedDict's get and
+        # move_to_end are each atomic under the GIL; an entry evicted in between is a miss
+        value = self._d.get(key)
+        if value is not None:
+            try:
                 self._d.move_to_end(key)
-            return value
+            except KeyError:
+                pass
+        return value
 
     def put(self, key, value) -> None:
         evicted = []
@@ -288,9 +316,9 @@ def run_triton(spec_text: str, inputs: list[torch.Tensor], config=None) -> list[
     call costs the cache look-up, the output allocation and Triton's own launch (`launch_args`)."""
     kernel, grid, args, consts, outs = launch_args(spec_text, inputs, config)
     if kernel is not None:
-        dev = inputs[0].device
-        if dev.type == "cuda":
-            with torch.cuda.device(dev):
+        first = inputs[0]
+        if first.is_cuda and first.get_device() != torch.cuda.current_device():
+            with torch.cuda.device(first.device):  # Triton launches on the current device
                 kernel[grid](*args, **consts)
         else:
             kernel[grid](*args, **consts)
@@ -308,8 +336,9 @@ def launch_args(spec_text: str, inputs: list[torch.Tensor], config=None):
     must be materialised are listed as (index, channel_view) and copied again from each call's
     tensors (a cached copy would be the first call's values). CPU tensors can only run in
     Triton's interpreter, so only CUDA tensors read TRITON_INTERPRET to pick the target."""
-    dev = inputs[0].device
-    target = "interpreter" if dev.type == "cpu" or use_interpreter() else "cuda"
+    first = inputs[0]
+    dev = first.device
+    target = "cuda" if first.is_cuda and not use_interpreter() else "interpreter"
     key = (spec_text, config, target, *[(t.shape, t.stride(), t.dtype) for t in inputs])
     hit = _LAUNCHES.get(key)
     if hit is None:
@@ -357,7 +386,7 @@ def triton_cdiv(a: int, b: int) -> int:
 def run(spec_text: str, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
     """The op's implementation: Triton where it can run, the eager reference elsewhere. The
     spec text is parsed only for the reference: a kernel's launch plan is cached by it."""
-    if backend_for(inputs) == "triton" and all(t.dtype in _KERNEL_DTYPES for t in inputs):
+    if backend_for(inputs) == "triton":
         return run_triton(spec_text, inputs)
     return fresh_outputs(run_reference(loads(spec_text), inputs), inputs)
 
@@ -405,3 +434,41 @@ def _backward(ctx, grads):
 fused_region.register_autograd(_backward, setup_context=_setup_context)
 
 OP = torch.ops.fxrewrite.fused_region.default
+
+
+# ---------------------------------------------------------------- what a lowered graph calls
+
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+
+
+@declare_pure
+def call_region(spec: str, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """What a lowered graph calls: `OP(spec, inputs)`, without the dispatcher when nothing needs it.
+
+    Going through the custom op costs ~15-20 µs per call on top of the launch (its autograd
+    layer, the dispatcher's redispatch, the alias checks): more than a decode-shape kernel
+    takes. So a plain eager call (real tensors, no gradient to record, no tracer, mode or
+    compiler watching) runs the implementation directly; any other call goes through the op,
+    which is what `torch.compile`, `torch.export`, `make_fx`, `jit.trace`, dispatch modes
+    (FlopCounterMode, profilers' modes) and autograd need to see. Both run the same `run`."""
+    if _direct_ok(inputs):
+        return run(spec, inputs)
+    return OP(spec, inputs)
+
+
+def _direct_ok(inputs) -> bool:
+    """True when calling the op would only add dispatch: every input a real tensor (no fake,
+    functional or subclass tensor, no fx Proxy), no gradient to record, and no compiler, tracer
+    or Python mode active."""
+    grad = torch.is_grad_enabled()
+    for t in inputs:
+        if type(t) not in _PLAIN_TENSORS or (grad and t.requires_grad):
+            return False
+    return not (torch.compiler.is_compiling() or torch._C._get_tracing_state() is not None
+                or torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled())
+
+
+def is_region_call(node) -> bool:
+    """An FX node that runs a fused region: `call_region` (lowering's output) or the op itself
+    (what a re-trace of a lowered graph, torch.export or Dynamo records)."""
+    return node.op == "call_function" and (node.target is call_region or node.target is OP)

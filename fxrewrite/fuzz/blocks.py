@@ -41,7 +41,8 @@ def bn_for(dim: int, c: int) -> nn.Module:
 
 class Affine(nn.Module):
     """Per-channel scale (layer-scale) and shift by constants, written the way models write it:
-    `x * g.view(1, -1, 1, 1) + b.view(1, -1, 1, 1)` (channels last for 2-D/3-D linear inputs)."""
+    `x * g.view(1, -1, 1, 1) + b.view(1, -1, 1, 1)` for channels at axis 1 (ConvNeXt), and
+    `x * g + b` for channels last (timm's LayerScale on 2-D/3-D linear inputs)."""
 
     def __init__(self, c: int, shift: bool, inplace: bool, channel_axis: int, rank: int = 2):
         super().__init__()
@@ -52,10 +53,10 @@ class Affine(nn.Module):
 
     def forward(self, x):
         shape = self.shape
-        g = self.gamma.view(shape)
+        g = self.gamma.view(shape) if shape != [-1] else self.gamma
         y = x.mul_(g) if self.inplace else x * g
         if self.beta is not None:
-            y = y + self.beta.view(shape)
+            y = y + (self.beta.view(shape) if shape != [-1] else self.beta)
         return y
 
 

@@ -23,6 +23,16 @@ import torch.nn as nn
 
 from .computed_weights import PURE_HELPERS
 
+_DECLARED_PURE: set = set()  # functions a layer above declared pure (`declare_pure`)
+
+
+def declare_pure(fn):
+    """Declare `fn` a pure function of its arguments for graph analyses (no writes, no random
+    draws): layers above the engine (e.g. codegen's region call) register their functions here,
+    since this module may not import them. Returns `fn` (usable as a decorator)."""
+    _DECLARED_PURE.add(fn)
+    return fn
+
 _INPLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.setitem,
                       operator.ifloordiv, operator.imod, operator.ipow, operator.iand, operator.ior,
                       operator.ixor, operator.ilshift, operator.irshift, operator.imatmul}
@@ -88,7 +98,7 @@ def is_unknown_function(t) -> bool:
     or the library's own. `torch.fx.wrap` keeps such functions as one call (torchvision's MViT
     adds its shortcut in place inside one, and uses nothing it returns), so whatever it does to
     its inputs, it must be kept and not moved across."""
-    if isinstance(t, torch._ops.OpOverload) or t in PURE_HELPERS:
+    if isinstance(t, torch._ops.OpOverload) or t in PURE_HELPERS or t in _DECLARED_PURE:
         return False
     return getattr(t, "__module__", None) not in _TORCH_MODULES + ("builtins", "math")
 
@@ -123,7 +133,7 @@ def is_pure_value(node: fx.Node) -> bool:
     t = node.target
     if node.op == "call_method":
         return not any(r in t for r in _RANDOM_NAMES)
-    if t in PURE_HELPERS:
+    if t in PURE_HELPERS or t in _DECLARED_PURE:
         return True
     if isinstance(t, torch._ops.OpOverload):
         return torch.Tag.nondeterministic_seeded not in t.tags and not t._schema.is_mutable
