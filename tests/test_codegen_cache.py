@@ -135,11 +135,11 @@ def test_language_model_over_50_sequence_lengths_keeps_caches_bounded(monkeypatc
     torch.manual_seed(0)
     model = tiny_llama().to(DEVICE)
     fast = optimize(model, {"input_ids": torch.randint(0, 100, (2, 8), device=DEVICE)}, lower="triton")
-    assert fast.report.count("lower_triton") == 5, fast.report
+    assert fast.report.count("lower_triton") == 7, fast.report  # 5 norm regions, one GLU region per layer
     for seq in range(3, 53):
         ids = torch.randint(0, 100, (2, seq), device=DEVICE)
         with torch.no_grad():
             got, want = fast(input_ids=ids).last_hidden_state, model(input_ids=ids).last_hidden_state
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
         assert len(runtime._LAUNCHES) <= bound and len(runtime._KERNELS) <= bound
-    assert len(launches) == 5 * 50
+    assert len(launches) == 7 * 50

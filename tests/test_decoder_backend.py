@@ -43,4 +43,7 @@ def test_backend_fuses_one_region_per_rmsnorm(family):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     report = backend.last_report()
     assert report.count("lift_norms") == norms, str(report)
-    assert report.count("lower_triton") == norms, str(report)
+    # one region per RMSNorm, and one per layer's gated MLP (SwiGLU; Gemma's GeGLU)
+    assert report.count("lower_triton") == norms + model.config.num_hidden_layers, str(report)
+    glu = [r for r in report.records if r.pass_name == "lower_triton" and "_mul_fwd_kernel" in r.detail]
+    assert len(glu) == model.config.num_hidden_layers, str(report)

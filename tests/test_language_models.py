@@ -251,5 +251,5 @@ def test_bfloat16_decoder_lowered_matches_eager_within_its_rounding():
     torch.manual_seed(0)
     model = tiny_llama().to(torch.bfloat16)
     fast = optimize(model, {"input_ids": torch.randint(0, 100, (2, 8))}, lower="triton")
-    assert fast.report.count("lower_triton") == 5, fast.report
+    assert fast.report.count("lower_triton") == 7, fast.report  # 5 norm regions, one GLU per layer
     verify(model, fast, {"input_ids": torch.randint(0, 100, (3, 13))})

@@ -31,6 +31,12 @@ eager rounds it. The statistics are
     RMSNorm:   rstd = 1/sqrt(sum(x^2)/N + eps)
 
 and every op's own expression comes from `ir.OPS`; nothing here knows which ops a region has.
+
+A GLU region (no norm, `ir`'s `"glu"` seed) has no statistics: like DyT and BatchNorm it is the
+elementwise pass, over rows of its last dim (`ir.reduce_ndim`). Its gate and up are often the two
+halves of one tensor (a fused gate_up projection split along the last dim); they arrive as two
+views of it, each a `full` input with its own base pointer (the view's offset) and row stride,
+so the kernel reads the halves in place.
 """
 from __future__ import annotations
 
@@ -121,13 +127,17 @@ class _KernelSource:
         self.ct = compute_dtype(spec, launch.input_dtypes)
         self.CT = TL_DTYPES[self.ct]
         self.nodes = spec["nodes"]
-        norm_node = self.nodes[spec["norm"]]
-        self.stats = OPS[norm_node["op"]].stats
-        self.eps = norm_node["attrs"].get("eps", 0.0)
-        self.x_arg = norm_node["args"][0]
-        self.pre = _needed_for(spec, self.x_arg[1]) if self.x_arg[0] == "v" else set()
+        if spec["norm"] is None:  # a GLU region: no statistics, one elementwise pass
+            self.stats, self.eps, self.x_arg = "", 0.0, None
+        else:
+            norm_node = self.nodes[spec["norm"]]
+            self.stats = OPS[norm_node["op"]].stats
+            self.eps = norm_node["attrs"].get("eps", 0.0)
+            self.x_arg = norm_node["args"][0]
+        x_kind = self.x_arg[0] if self.x_arg is not None else None
+        self.pre = _needed_for(spec, self.x_arg[1]) if x_kind == "v" else set()
         self.all_nodes = set(range(len(self.nodes)))
-        x_input = [self.x_arg[1]] if self.x_arg[0] == "in" else []
+        x_input = [self.x_arg[1]] if x_kind == "in" else []
         self.pre_inputs = sorted(set(_inputs_of(spec, self.pre)) | set(x_input))
 
     def _params(self) -> list[str]:
@@ -236,7 +246,7 @@ class _KernelSource:
                 self.w(ind, f"v{j} = v{j}.to({TL_DTYPES[node['dtype']]}).to({CT})")
 
     def write_elementwise_pass(self, looped: bool):
-        """A region without row statistics (DyT, BatchNorm): one pass computes every node."""
+        """A region without row statistics (DyT, BatchNorm, GLU): one pass computes every node."""
         ind = self.open_columns(looped)
         for i in _inputs_of(self.spec, self.all_nodes):
             self._load(i, ind)

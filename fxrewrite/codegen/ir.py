@@ -12,10 +12,17 @@ reference read (the FX graph is gone by then):
      "outputs": [0, 2],          # node indices whose values leave the region
      "norm": 1}                  # the one row-wise norm of the region
 
+A region grown from a gated product instead of a norm (a GLU: `silu(gate) * up`, `gelu(gate) *
+up`) has no norm and names its seed instead: `"norm": null, "glu": j`, node j a `mul` one of
+whose arguments is the value of a `silu` or `gelu` node. Such a region has no row statistics:
+its kernel is one elementwise pass over rows of the domain's last dim. Norm specs have no "glu"
+key, so their text, hash and kernels are what they were.
+
 An argument is `["in", i]` (run-time input i), `["v", j]` (the value of node j, j < this node),
 `["lit", x]` (a Python number) or `null` (an absent optional tensor). All values have the
-region's *domain* shape (the norm input's shape) or broadcast to it; `channel_view = k > 0` marks
-a per-channel BatchNorm vector that is viewed as `(C, 1, ..., 1)` (k ones) before broadcasting.
+region's *domain* shape (the norm input's shape; a GLU region's: its product's) or broadcast to
+it; `channel_view = k > 0` marks a per-channel BatchNorm vector that is viewed as `(C, 1, ..., 1)`
+(k ones) before broadcasting.
 
 Every operation is one `OpDef` in `OPS`: its eager meaning (the ATen call the FX graph made, or
 for a `rewrite.nn` module the function its forward calls; used by `reference` as the CPU
@@ -36,7 +43,7 @@ from typing import Callable
 
 import torch
 
-from ..rewrite.nn import dyt, smelu
+from ..rewrite.nn import dyt, eln, smelu
 
 aten = torch.ops.aten
 
@@ -138,6 +145,16 @@ def _dyt_expr(a, attrs, target):
     return f"({y} + {b})" if b is not None else f"({y})"
 
 
+def _eln_eager(args, attrs):
+    return eln(*args, attrs["channels"])
+
+
+def _eln_expr(a, attrs, target):
+    x, beta, w, b = a
+    y = f"{x} * (1.0 / tl.sqrt({beta} + {x} * {x})) * ({_lit(math.sqrt(attrs['channels'] - 1))} * {w})"
+    return f"({y} + {b})" if b is not None else f"({y})"
+
+
 def _layer_norm_eager(args, attrs):
     x, w, b = args
     return aten.layer_norm.default(x, list(x.shape[x.dim() - attrs["reduce_ndim"]:]), w, b, attrs["eps"])
@@ -207,6 +224,7 @@ _TABLE = [
     OpDef("layer_norm", _layer_norm_eager, _layer_norm_expr, stats="mean_rstd", is_norm=True),
     OpDef("rms_norm", _rms_norm_eager, _rms_norm_expr, stats="rms_rstd", is_norm=True),
     OpDef("dyt", _dyt_eager, _dyt_expr, is_norm=True),
+    OpDef("eln", _eln_eager, _eln_expr, is_norm=True),
     OpDef("batch_norm", _batch_norm_eager, _batch_norm_expr, is_norm=True),
 ]
 OPS: dict[str, OpDef] = {o.name: o for o in _TABLE}
@@ -236,8 +254,12 @@ class SpecBuilder:
     def input_keys(self) -> list:
         return [k for k, _ in sorted(self._input_keys.items(), key=lambda kv: kv[1])]
 
-    def build(self, outputs: list[int], norm: int) -> dict:
-        return {"version": VERSION, "inputs": self.inputs, "nodes": self.nodes, "outputs": outputs, "norm": norm}
+    def build(self, outputs: list[int], norm: int | None, glu: int | None = None) -> dict:
+        """The spec; `norm` the norm node's index, or None and `glu` the gated product's."""
+        spec = {"version": VERSION, "inputs": self.inputs, "nodes": self.nodes, "outputs": outputs, "norm": norm}
+        if glu is not None:
+            spec["glu"] = glu
+        return spec
 
 
 def dumps(spec: dict) -> str:
@@ -274,10 +296,27 @@ def validate(spec: dict):
             if kind == "in" and not 0 <= v < n_in or kind == "v" and not 0 <= v < j or kind not in ("in", "v", "lit"):
                 raise ValueError(f"region spec node {j}: bad argument {a!r}")
     norm = spec["norm"]
-    if not (0 <= norm < len(spec["nodes"]) and OPS[spec["nodes"][norm]["op"]].is_norm):
-        raise ValueError("region spec: 'norm' must name a norm node")
+    if norm is None:
+        _validate_glu(spec)
+    elif "glu" in spec or not (0 <= norm < len(spec["nodes"]) and OPS[spec["nodes"][norm]["op"]].is_norm):
+        raise ValueError("region spec: 'norm' must name a norm node (and a norm region has no 'glu')")
     if not spec["outputs"] or any(not 0 <= o < len(spec["nodes"]) for o in spec["outputs"]):
         raise ValueError("region spec: bad outputs")
+
+
+GLU_ACTS = ("silu", "gelu")  # the activations of a gated product that seeds a region
+
+
+def _validate_glu(spec: dict):
+    """A region without a norm must name its gated product: a mul of an activation's value."""
+    nodes, j = spec["nodes"], spec.get("glu")
+    if any(OPS[n["op"]].is_norm for n in nodes):
+        raise ValueError("region spec: a norm node in a region without a 'norm'")
+    if not (isinstance(j, int) and 0 <= j < len(nodes) and nodes[j]["op"] == "mul"):
+        raise ValueError("region spec: without a 'norm', 'glu' must name the gated product (a mul node)")
+    acts = [a for a in nodes[j]["args"] if a is not None and a[0] == "v" and nodes[a[1]]["op"] in GLU_ACTS]
+    if not acts:
+        raise ValueError(f"region spec: the gated product's arguments include no {' or '.join(GLU_ACTS)} value")
 
 
 def spec_hash(text: str, extra: str = "") -> str:
@@ -292,7 +331,14 @@ def region_name(spec: dict) -> str:
 
 
 def reduce_ndim(spec: dict) -> int:
-    """How many trailing dims the norm reduces over (0 for DyT and BatchNorm: no reduction)."""
+    """How many trailing dims the norm reduces over (0 for DyT and BatchNorm: no reduction).
+
+    The runtime reads it as how many trailing dims make a row of the launch: with 0 it may fold
+    leading dims into the columns. A GLU region reduces nothing but answers 1: one row per
+    last-dim vector (a GLU's inputs are often all whole rows, which would fold into a single
+    row, so a single program; kept as rows the launch grid spans them)."""
+    if spec["norm"] is None:
+        return 1
     node = spec["nodes"][spec["norm"]]
     return node["attrs"].get("reduce_ndim", 0) if OPS[node["op"]].stats else 0
 

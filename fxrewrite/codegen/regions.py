@@ -1,6 +1,7 @@
 """Find fused norm + elementwise regions in a canonical FX graph (FX only: never imports triton).
 
-A region is grown around one row-wise norm:
+A region is grown around a seed: one row-wise norm, or (a second kind, after every norm region
+has been grown) one gated product of a GLU. Around a norm:
 
   * the norm: `ops.layer_norm`, `ops.rms_norm` (reduce over trailing dims), a `rewrite.nn.DyT`
     call_module, or an eval `ops.batch_norm` left after folding (per-channel affine, no
@@ -14,6 +15,22 @@ A region is grown around one row-wise norm:
     A region node read outside the region is an output; at most `MAX_OUTPUTS` outputs (the
     latest epilogue nodes are dropped until that holds and the fused call has a place before
     every outside reader).
+
+Around a gated product `act(gate) * up` (act `silu`: SwiGLU; `gelu`, either approximation:
+GeGLU), which has no norm (`glu_parts` says which products qualify, `grow_glu` grows them):
+
+  * the seed: the product and its activation. The domain is the product's shape; `gate` must
+    have it too (`up` may broadcast to it). The activation's value may be read elsewhere (it is
+    then an output). `gate` and `up` are often the two halves of one projection's output
+    (`chunk(2, dim=-1)`, `split`, slicing the last dim): the view nodes stay outside, so the
+    fused call gets the two views and the kernel reads them in place, never a copy;
+  * a prologue backwards from `gate` and `up`: elementwise producers (a cast, a bias add) read
+    only inside the region (a GLU region's prologue adds no output);
+  * an epilogue forwards from the product and the activation, as for a norm (a cast, a scale,
+    a second product of the same activation). The down projection is a matmul: never a member.
+
+Norm regions are grown first and exactly as if there were no GLU seeds: a product already in a
+norm's epilogue seeds nothing.
 
 "Elementwise" is whatever `describe` can turn into an IR op of `ir.OPS` whose result has exactly
 the domain shape (the norm input's shape) and a floating dtype; other operands must broadcast to
@@ -30,9 +47,9 @@ import torch.nn as nn
 
 from ..rewrite import ops
 from ..rewrite.shapes import tensor_dtype, tensor_shape
-from ..rewrite.nn import DyT, SmeLU
+from ..rewrite.nn import ELN, DyT, SmeLU
 
-from .ir import SpecBuilder, dtype_name, region_name
+from .ir import GLU_ACTS, SpecBuilder, dtype_name, region_name
 
 aten = torch.ops.aten
 
@@ -66,13 +83,19 @@ class Described:
 
 @dataclass
 class Region:
-    norm: fx.Node
+    seed: fx.Node                   # the norm, or a GLU region's gated product
     nodes: list[fx.Node]            # graph order
     outputs: list[fx.Node]
     spec: dict
     input_keys: list                # per spec input: ("node", fx.Node) or ("attr", target)
     name: str = ""
     ops: list[str] = field(default_factory=list)
+    kind: str = "norm"              # "norm" or "glu"
+
+    @property
+    def norm(self) -> fx.Node:
+        """The seed node (named so for `codegen.lower_regions`; a GLU region's is its product)."""
+        return self.seed
 
 
 def _attr_tensor(node: fx.Node):
@@ -206,6 +229,12 @@ def describe_norm(gm: fx.GraphModule, node: fx.Node) -> Described | None:
         if isinstance(mod, _OTHER_NORMS):
             what = "in training mode" if mod.training else "not canonicalised to a norm op"
             raise NotFusable(f"{type(mod).__name__} kept as a module ({what}): no kernel template for it")
+        if _is(mod, ELN):
+            if len(node.args) != 1 or node.kwargs:
+                raise NotFusable("ELN called with extra arguments")
+            bias = Operand(attr=f"{node.target}.bias") if mod.bias is not None else Operand(absent=True)
+            return Described("eln", [Operand(node=node.args[0]), Operand(attr=f"{node.target}.beta"),
+                                     Operand(attr=f"{node.target}.weight"), bias], {"channels": mod.normalized_shape})
         if not _is(mod, DyT):
             return None
         if len(node.args) != 1 or node.kwargs:
@@ -300,14 +329,16 @@ def _norm_domain(norm: fx.Node, nd: Described):
 
 
 class _Grower:
-    """One region being grown around a norm: `members` is its node set, `described` the IR op
-    of each member. Growing reads the graph and never changes it."""
+    """One region being grown around a seed (a norm, or a GLU's gated product, whose `domain`
+    the caller gives): `members` is its node set, `described` the IR op of each member.
+    Growing reads the graph and never changes it."""
 
-    def __init__(self, gm: fx.GraphModule, claimed: set, order: dict | None, norm: fx.Node, nd: Described):
+    def __init__(self, gm: fx.GraphModule, claimed: set, order: dict | None, norm: fx.Node, nd: Described,
+                 domain: tuple | None = None):
         self.gm = gm
         self.claimed = claimed
         self.order = positions(gm.graph) if order is None else order
-        self.domain = _norm_domain(norm, nd)
+        self.domain = _norm_domain(norm, nd) if domain is None else domain
         self.members: set[fx.Node] = {norm}
         self.described: dict[fx.Node, Described] = {norm: nd}
 
@@ -347,12 +378,13 @@ class _Grower:
             stack += list(n.all_input_nodes)
         return False
 
-    def grow_prologue(self, x: fx.Node):
-        """Take elementwise producers backwards from the norm's input `x`. Only `x` may have
-        readers outside the region (it becomes an output); an interior producer read elsewhere
-        would have to be computed twice, so it stays out."""
+    def grow_prologue(self, x: fx.Node, *more: fx.Node, open_root: bool = True):
+        """Take elementwise producers backwards from the norm's input `x` (and from `more`).
+        Only `x` may have readers outside the region (it becomes an output), and not even `x`
+        with `open_root=False`; an interior producer read elsewhere would have to be computed
+        twice, so it stays out."""
         taken = 0
-        stack = [x]
+        stack = [*reversed(more), x]
         while stack and taken < MAX_PROLOGUE:
             p = stack.pop()
             if p in self.members:
@@ -360,18 +392,19 @@ class _Grower:
             d = self.fits(p)
             if d is None:
                 continue
-            if p is not x and any(u not in self.members for u in readers(p)):
+            if (p is not x or not open_root) and any(u not in self.members for u in readers(p)):
                 continue
             self._add(p, d)
             taken += 1
             stack += [o.node for o in d.operands if o.node is not None]
 
-    def grow_epilogue(self, norm: fx.Node) -> list[fx.Node]:
-        """Take elementwise readers forwards from the norm, in graph order, whose other operands
-        do not depend on the region. Returns them in the order taken (the trimming order)."""
+    def grow_epilogue(self, norm: fx.Node, *more: fx.Node) -> list[fx.Node]:
+        """Take elementwise readers forwards from the norm (and from `more`), in graph order,
+        whose other operands do not depend on the region. Returns them in the order taken (the
+        trimming order)."""
         first = min(self.order[n] for n in self.members)
         epilogue: list[fx.Node] = []
-        frontier = sorted(readers(norm), key=self.order.get)
+        frontier = sorted({u for n in (norm, *more) for u in readers(n)}, key=self.order.get)
         while frontier and len(epilogue) < MAX_EPILOGUE:
             c = frontier.pop(0)
             if c in self.members:
@@ -425,7 +458,68 @@ def grow(gm: fx.GraphModule, norm: fx.Node, nd: Described, claimed: set, order: 
     return _build(gm, norm, nodes, g.outputs(), g.described)
 
 
-def _build(gm, norm, nodes, outputs, described) -> Region:
+def glu_parts(node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
+    """(activation node, up) if `node` is a gated product `act(gate) * up` (either operand
+    order; act `silu` or `gelu`), else None. Says nothing of shapes: `grow_glu` checks them."""
+    if node.op != "call_function" or node.target is not ops.mul:
+        return None
+    a, b = ops.arg(node, "self"), ops.arg(node, "other")
+    for act, up in ((a, b), (b, a)):
+        if (isinstance(act, fx.Node) and act.op == "call_function" and _GLU_ACT.get(act.target) in GLU_ACTS
+                and isinstance(up, fx.Node)):
+            return act, up
+    return None
+
+
+_GLU_ACT = {ops.silu: "silu", ops.gelu: "gelu"}
+
+
+def _glu_domain(product: fx.Node, act: fx.Node, up: fx.Node) -> tuple:
+    """The shape a GLU region computes over (the product's), or NotFusable: known float shapes,
+    `gate` (the activation's input) of exactly that shape, `up` broadcasting to it."""
+    gate = ops.arg(act, "self")
+    shapes = {"product": shape_of(product), "gate": shape_of(gate), "activation": shape_of(act),
+              "up": shape_of(up)}
+    if any(s is None for s in shapes.values()):
+        raise NotFusable("shapes unknown (no shape propagation reached this gated product)")
+    domain = tuple(shapes["product"])
+    if len(domain) == 0:
+        raise NotFusable("0-d gated product")
+    if tuple(shapes["gate"]) != domain or tuple(shapes["activation"]) != domain:
+        raise NotFusable(f"gate {list(shapes['gate'])} is not of the product's shape {list(domain)} "
+                         f"(only up may broadcast)")
+    if not _broadcasts(shapes["up"], domain):
+        raise NotFusable(f"up {list(shapes['up'])} does not broadcast to the product's shape {list(domain)}")
+    for what, n in (("product", product), ("gate", gate), ("activation", act), ("up", up)):
+        if dtype_of(n) not in FLOATS:
+            raise NotFusable(f"{what} dtype {dtype_of(n)} is not a float dtype the kernels handle")
+    return domain
+
+
+def grow_glu(gm: fx.GraphModule, product: fx.Node, claimed: set, order: dict | None = None) -> Region:
+    """The GLU region seeded by the gated product `product` (see the module docstring); raises
+    NotFusable with the reason, or ValueError if `product` is no gated product."""
+    parts = glu_parts(product)
+    if parts is None:
+        raise ValueError(f"{product.name} is not a gated product act(gate) * up")
+    act, up = parts
+    domain = _glu_domain(product, act, up)
+    try:
+        dp, da = describe(gm, product), describe(gm, act)
+    except NotFusable as e:
+        raise NotFusable(f"gated product: {e}") from None
+    g = _Grower(gm, claimed, order, product, dp, domain)
+    if g.fits(act) is None or g.fits(product) is None:
+        raise NotFusable("the activation or the product is not an elementwise op of the domain")
+    g._add(act, da)
+    gate = da.operands[0].node
+    g.grow_prologue(gate, up, open_root=False)
+    g.trim(g.grow_epilogue(product, act))
+    nodes = sorted(g.members, key=g.order.get)
+    return _build(gm, product, nodes, g.outputs(), g.described, kind="glu")
+
+
+def _build(gm, norm, nodes, outputs, described, kind: str = "norm") -> Region:
     b = SpecBuilder()
     index: dict[fx.Node, list] = {}
     for n in nodes:
@@ -443,9 +537,10 @@ def _build(gm, norm, nodes, outputs, described) -> Region:
                 t = gm.get_parameter(o.attr) if _has_param(gm, o.attr) else gm.get_buffer(o.attr)
                 args.append(b.input(("attr", o.attr), t.dtype, o.channel_view))
         index[n] = b.node(described[n].op, args, described[n].attrs, dtype_of(n))
-    spec = b.build([index[o][1] for o in outputs], index[norm][1])
+    outs = [index[o][1] for o in outputs]
+    spec = b.build(outs, index[norm][1]) if kind == "norm" else b.build(outs, None, glu=index[norm][1])
     return Region(norm, nodes, outputs, spec, [k[0] for k in b.input_keys()], region_name(spec),
-                  [described[n].op for n in nodes])
+                  [described[n].op for n in nodes], kind)
 
 
 def _has_param(gm: nn.Module, target: str) -> bool:
@@ -468,23 +563,41 @@ def norms(gm: fx.GraphModule):
             yield node, d
 
 
+def _live(node: fx.Node, gm: fx.GraphModule) -> bool:
+    """Whether `node` is still in `gm`'s graph (a region lowered before may have erased it)."""
+    return node.graph is gm.graph and not getattr(node, "_erased", False)
+
+
 def grow_regions(gm: fx.GraphModule, order: dict[fx.Node, float], claimed: set):
-    """(norm node, its Region or the NotFusable saying why it has none) for every norm of `gm`,
-    first norm first.
+    """(seed node, its Region or the NotFusable saying why it has none) for every norm of `gm`,
+    first norm first, then for every gated product (GLU) left, first first.
 
     The norms are listed up front, but each is described and grown only when the iteration
     reaches it, so a caller may rewrite the graph between steps (keeping `order` valid, as
-    `codegen.lower_regions` does). Nodes in `claimed` join no region; the caller adds to it."""
+    `codegen.lower_regions` does). The gated products are listed when the norms are done (a
+    norm region may have taken them), and each is checked again when reached: an earlier GLU
+    region may have taken it or its activation. Nodes in `claimed` join no region; the caller
+    adds to it."""
     for node in [n for n, _ in norms(gm)]:
         try:
             found = grow(gm, node, describe_norm(gm, node), claimed, order)
         except NotFusable as e:
             found = e
         yield node, found
+    for node in [n for n in gm.graph.nodes if glu_parts(n) is not None]:
+        parts = glu_parts(node) if _live(node, gm) and node not in claimed else None
+        if parts is None or parts[0] in claimed:
+            continue
+        try:
+            found = grow_glu(gm, node, claimed, order)
+        except NotFusable as e:
+            found = e
+        yield node, found
 
 
 def find_regions(gm: fx.GraphModule) -> list[tuple[fx.Node, Region | NotFusable]]:
-    """Regions for every norm of `gm` (non-overlapping, first norm first); the graph is unchanged."""
+    """Regions for every norm of `gm`, then for every gated product left (non-overlapping, in
+    that order); the graph is unchanged."""
     claimed: set = set()
     found_all = []
     for node, found in grow_regions(gm, positions(gm.graph), claimed):

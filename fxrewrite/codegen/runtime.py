@@ -13,8 +13,11 @@ Where it runs:
   * otherwise (CPU without the interpreter, or FXREWRITE_CODEGEN=reference): the region's eager
     reference (`reference.run_reference`), so an optimised model runs everywhere.
 
-Backward: the gradient of the eager reference, by autograd on a recomputation of the forward
-(`register_autograd`). It equals eager's gradient by construction; it is not a fused kernel.
+Backward (`register_autograd`): where a region has one, a generated Triton backward kernel
+(`backward.run_backward`: per row, the forward recomputed, then reverse mode over the region's
+nodes; per-column and scalar input gradients reduced per program, then summed); otherwise (GLU
+regions, BatchNorm, rows wider than one block, an op without a derivative rule) the gradient of
+the eager reference, by autograd on a recomputation of the forward.
 
 Kernel cache: the source is a function of (spec text, launch specialisation); its structural
 hash names a file `<kernel>_<hash>.py` under $FXREWRITE_CACHE_DIR (default
@@ -38,6 +41,7 @@ import torch
 
 from ..rewrite.effects import declare_pure
 from . import emit
+from .backward import run_backward
 from .ir import DTYPES, compute_dtype, dtype_name, loads, reduce_ndim, spec_hash
 from .reference import fresh_outputs, run_reference
 
@@ -417,8 +421,13 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grads):
-    """vjp of the eager reference, on a recomputed forward."""
+    """The generated backward kernel (`backward.run_backward`) where the region has one, else the
+    vjp of the eager reference on a recomputed forward."""
     tensors = ctx.saved_tensors
+    if backend_for(list(tensors)) == "triton":
+        got = run_backward(ctx.spec, list(tensors), list(grads), ctx.needs)
+        if got is not None:
+            return None, got
     spec = loads(ctx.spec)
     with torch.enable_grad():
         leaves = [t.detach().requires_grad_(n) for t, n in zip(tensors, ctx.needs)]
