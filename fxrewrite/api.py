@@ -66,10 +66,11 @@ def optimize(model: nn.Module, example_inputs, passes=None, check: bool = False,
 def _optimize_whole(model: nn.Module, example_inputs, steps: list[Pass], dynamic) -> fx.GraphModule:
     report = Report()
     with no_full_collections():
-        with report.timed("capture"):
-            gm = capture(model, example_inputs, report, dynamic=dynamic)
+        folds = {p.name for p in steps if p.exactness == "exact"} - _MODE_FREE
+        with report.timed("capture"):  # without folds the result may train: an export capture follows both modes
+            gm = capture(model, example_inputs, report, dynamic=dynamic, follow_modes=not folds)
         derivations = run_pipeline(gm, steps, report)
-        settle_mode(gm, report, folds={p.name for p in steps if p.exactness == "exact"} - _MODE_FREE)
+        settle_mode(gm, report, folds=folds)
     gm.report = report
     gm.derivations = derivations
     return gm

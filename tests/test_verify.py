@@ -156,3 +156,14 @@ def test_a_long_float32_reduction_that_rounds_more_than_eager_is_not_a_false_fai
     model, x = build_model(program), make_inputs(program, "fresh")
     fast = optimize(model, x, check=True)
     assert verify(model, fast, x, float64=True).max_rel < 1e-12
+
+
+def test_deviation_counts_a_nan_or_inf_the_reference_lacks_as_infinite():
+    from fxrewrite.rewrite.verify import deviation
+    ref = torch.tensor([1.0, 2.0, float("nan"), float("inf")])
+    assert deviation(ref, ref.clone()) == (0.0, 0.0)  # the same NaN and inf at the same places
+    for bad in (torch.tensor([1.0, float("nan"), float("nan"), float("inf")]),
+                torch.tensor([1.0, 2.0, 0.0, float("inf")]),
+                torch.tensor([1.0, 2.0, float("nan"), 5.0])):
+        assert deviation(ref, bad) == (float("inf"), float("inf"))
+    assert deviation(torch.tensor([1.0, -4.0]), torch.tensor([1.5, -4.0])) == (0.5, 0.125)

@@ -24,7 +24,7 @@ from .clone import clone_inputs, copy_model, preserved_state
 from .dynamic import batch_of_two, dynamic_shapes, report_axes
 from .computed_weights import LEGACY_WEIGHT_HOOKS, computation_node, computed_tensors
 from .effects import hooks_of
-from .mode import follow_mode, traced_mode_facts, training_ops
+from .mode import MODE_MODULES, follow_mode, merge_modes, traced_mode_facts, training_ops
 from .report import Report
 from .shapes import propagate_shapes
 
@@ -47,7 +47,7 @@ class _Tracer(fx.Tracer):
         """A module with hooks stays one call too: tracing through its `forward` would drop them
         (they run only in `__call__`), which plain `symbolic_trace` does silently."""
         from .nn import LEAF_MODULES
-        return isinstance(m, LEAF_MODULES) or bool(hooks_of(m)) or super().is_leaf_module(m, qualname)
+        return isinstance(m, LEAF_MODULES + MODE_MODULES) or bool(hooks_of(m)) or super().is_leaf_module(m, qualname)
 
     def create_arg(self, a):
         kind = type(a)
@@ -220,10 +220,13 @@ def _inline_root_weight_hooks(root: nn.Module, gm: fx.GraphModule, report: Repor
     return hooks
 
 
-def capture(model: nn.Module, example_inputs, report: Report, dynamic=None) -> fx.GraphModule:
+def capture(model: nn.Module, example_inputs, report: Report, dynamic=None, follow_modes: bool = False) -> fx.GraphModule:
     """A GraphModule equivalent to `model` on inputs like `example_inputs` (model untouched).
     `dynamic`: which input axes a torch.export capture keeps dynamic (`dynamic_shapes`); a
-    symbolic_trace graph is shape-generic whatever it says."""
+    symbolic_trace graph is shape-generic whatever it says. `follow_modes`: a torch.export
+    capture also traces the other mode and, if the two differ only in mode arguments (dropout,
+    batch norm, attention dropout), returns one graph whose ops follow `.train()` / `.eval()`
+    (`mode.merge_modes`); otherwise, and by default, the graph is fixed in the traced mode."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"optimize expects an nn.Module, got {type(model).__name__}")
     args, kwargs = as_args(example_inputs)
@@ -249,13 +252,60 @@ def capture(model: nn.Module, example_inputs, report: Report, dynamic=None) -> f
         failures.append(f"torch.export failed: {_first_line(e)}{_user_frame(e)}")
         raise CaptureError(f"could not capture {type(model).__name__}:\n  " + "\n  ".join(failures)) from None
     gm = ep.module()
+    if traced is not None and (why := _fails_on(gm, args, kwargs)):
+        # a guard of the batch-2 trace (e.g. `batch != 1`) rejects the user's own batch of 1:
+        # export at that batch, every axis static, rather than hand back a graph that cannot run it
+        report.note("capture", "shapes", f"the batch-2 trace fails at the example's batch of 1 ({why}): "
+                    "exported at batch 1 with static shapes instead")
+        t_args, t_kwargs, spec = args, kwargs, None
+        with _quiet_export():
+            gm = torch.export.export(work, t_args, t_kwargs, strict=False).module()
+    both = follow_modes and _both_modes(work, model.training, gm, (t_args, t_kwargs, spec), report)
+    if both:
+        gm = both
     gm.training = model.training
     report.note("capture", "model", f"torch.export: {len(gm.graph.nodes)} nodes"
                 + (f" ({failures[0]})" if failures else ""))
     report_axes(gm, model, t_args, t_kwargs, spec, report)
     gm.meta["example_inputs"] = clone_inputs((args, kwargs))  # for passes that measure
-    follow_mode(gm, {"route": "torch.export", "training": model.training, "ops": training_ops(gm)})
+    follow_mode(gm, {"route": "torch.export", "training": model.training, "ops": training_ops(gm),
+                     "both_modes": bool(both)})
     return gm
+
+
+def _fails_on(gm: fx.GraphModule, args, kwargs) -> str | None:
+    """Why the exported `gm` cannot run the example inputs (state left as it was), or None."""
+    try:
+        with torch.no_grad(), preserved_state(gm):
+            gm(*args, **kwargs)
+    except Exception as e:
+        return _first_line(e)
+    return None
+
+
+def _both_modes(work: nn.Module, training: bool, gm: fx.GraphModule, traced, report: Report):
+    """The training-mode graph made to follow the mode (`mode.merge_modes`), from `gm` (traced in
+    mode `training`) and a second export of `work` in the other mode; None, with the reason in
+    the report, when the second export fails or the two programs differ beyond mode arguments."""
+    t_args, t_kwargs, spec = traced
+    work.train(not training)
+    try:
+        with _quiet_export():
+            other = torch.export.export(work, t_args, t_kwargs, strict=False, dynamic_shapes=spec).module()
+    except Exception as e:
+        report.note("capture", "mode", f"the {'eval' if training else 'training'}-mode export failed "
+                    f"({_first_line(e)}): the graph stays fixed in the traced mode")
+        return None
+    finally:
+        work.train(training)
+    train_gm, eval_gm = (gm, other) if training else (other, gm)
+    why = merge_modes(train_gm, eval_gm)
+    if why is not None:
+        report.note("capture", "mode", f"not made to follow .train()/.eval(): {why}")
+        return None
+    for m in train_gm.modules():  # the new FollowMode modules start in the model's mode
+        m.training = training
+    return train_gm
 
 
 QUIET_EXPORT = True  # the CLI's --verbose sets it False: torch's own output then goes through

@@ -129,9 +129,22 @@ def deviation(ref, cand) -> tuple[float, float]:
         raise ValueError("outputs differ in structure")
     max_abs, scale = 0.0, 0.0
     for r, c in zip(refs, cands):
-        r64 = r.detach().double()
-        max_abs, scale = max(max_abs, _amax(r64 - c.detach().double())), max(scale, _amax(r64))
+        r64, c64 = r.detach().double(), c.detach().double()
+        max_abs = max(max_abs, _max_difference(r64, c64))
+        scale = max(scale, _amax(torch.where(torch.isfinite(r64), r64, 0.0)))
     return max_abs, (max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else float("inf")))
+
+
+def _max_difference(r: torch.Tensor, c: torch.Tensor) -> float:
+    """max|c - r|, with a NaN or infinity that the other side does not have at the same place
+    counting as an infinite difference (Python's max() would silently drop a NaN)."""
+    if r.shape != c.shape:
+        r, c = torch.broadcast_tensors(r, c)
+    same = (r == c) | (torch.isnan(r) & torch.isnan(c))  # equal, including the same inf or both NaN
+    d = torch.where(same, 0.0, (r - c).abs())
+    if d.numel() and bool(torch.isnan(d).any() | torch.isinf(d).any()):
+        return float("inf")
+    return _amax(d)
 
 
 def default_rtol(dtype: torch.dtype) -> float:
