@@ -18,15 +18,19 @@ from .constants import FOLD_CONSTANTS
 from .inplace import INPLACE
 from .layout import CHANNELS_LAST
 from .norm_affine import FOLD_NORM_AFFINE, FOLD_SCALE_SHIFT
-from .prenorm import PRENORM_RMSNORM
+from .prenorm import PRENORM_CRMSNORM, PRENORM_RMSNORM
 from .reparam import STRUCTURAL_REPARAM
 from .swaps import LAYERNORM_TO_RMSNORM, NORM_TO_DYT, RELU_TO_GENERALIZED_SMELU, RELU_TO_SMELU
+from .swaps_activation import RELU_TO_POLY, RELUFICATION
+from .swaps_norm import NORM_TO_ELN, RMSNORM_TO_PRMSNORM
 
 REGISTRY: dict[str, Pass] = {p.name: p for p in [
     IDENTITY_REMOVAL, FOLD_CONSTANTS, FOLD_SCALE_SHIFT, BATCHNORM_FOLDING, STRUCTURAL_REPARAM, FOLD_BN_FORWARD,
     LIFT_NORMS,
-    FOLD_NORM_AFFINE, PRENORM_RMSNORM,
+    FOLD_NORM_AFFINE, PRENORM_RMSNORM, PRENORM_CRMSNORM,
     RELU_TO_SMELU, RELU_TO_GENERALIZED_SMELU, LAYERNORM_TO_RMSNORM, NORM_TO_DYT,
+    RELUFICATION, RELU_TO_POLY,
+    NORM_TO_ELN, RMSNORM_TO_PRMSNORM,
 ]}
 
 DEFAULT: list[str] = ["remove_identity", "fold_constants", "fold_scale_shift", "fold_batchnorm", "merge_branches",

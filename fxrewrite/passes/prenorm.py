@@ -26,9 +26,14 @@ The new LayerNorms are canonical `aten.rms_norm` (+ `aten.add` of the old bias) 
 weight, so later passes and the Triton lowering see an ordinary RMSNorm. A tied weight (GPT-2's
 wte, shared with the LM head) gets a centred copy for the stream; the other reader keeps the
 original. Opt-in even though exact: it changes weights all over the model.
+
+The second pass here, `prenorm_crmsnorm` (Pre-CRMSNorm, same paper), shares this stream analysis
+and goes one step further: the zero-mean stream is stored in d-1 features (the last one is minus
+the sum of the others) and each LayerNorm reading it becomes a CRMSNorm; see its docstring.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -205,11 +210,10 @@ def _check_readers(stream: _Stream, lns: dict[fx.Node, int]):
                                            f"which would see it re-centred"))
 
 
-def prenorm_rmsnorm(rw):
-    """Find residual streams read only by LayerNorms, re-centre their writers, and turn those
-    LayerNorms into RMSNorm + bias (see the module docstring)."""
-    gm, lns = rw.gm, {}
-    for n in gm.graph.nodes:
+def _layer_norms(rw) -> dict[fx.Node, int]:
+    """The LayerNorms over one trailing dim, with that dim's size (the others are skipped)."""
+    lns = {}
+    for n in rw.gm.graph.nodes:
         if n.op == "call_function" and n.target is ops.layer_norm and n.users:
             shape = list(ops.arg(n, "normalized_shape"))
             if len(shape) != 1:
@@ -217,11 +221,13 @@ def prenorm_rmsnorm(rw):
                                 f"hidden dim reads a residual stream")
                 continue
             lns[n] = shape[0]
-    if not lns:
-        rw.note("model", "nothing to do: no LayerNorm in the graph")
-        return
-    outputs, _ = run_recording(gm, {})
-    applied = 0
+    return lns
+
+
+def _streams(rw, lns: dict, check=None, why: str = "not a zero-mean residual stream: "):
+    """For each hidden size d: (stream, its LayerNorms, bad roots). The stream analysis shared by
+    both passes; `check(stream, d)` adds a pass's own reasons to refuse a stream. Each LayerNorm
+    of a refused stream is skipped with the reasons, prefixed by `why`."""
     for d in sorted(set(lns.values())):
         stream = _Stream(d, lambda g: tuple(tensor_shape(g) or rw.value(g).shape))
         mine = {n: d for n, dd in lns.items() if dd == d}
@@ -235,6 +241,8 @@ def prenorm_rmsnorm(rw):
             stream.visit(x, len(shape) - 1, None)
             stream.union(ln, x)
         _check_readers(stream, mine)
+        if check is not None:
+            check(stream, d)
         bad: dict[fx.Node, list[str]] = {}
         for node, reason in stream.failures:
             bad.setdefault(stream.find(node), []).append(reason)
@@ -243,14 +251,33 @@ def prenorm_rmsnorm(rw):
             if root in bad:
                 reasons = list(dict.fromkeys(bad[root]))
                 more = f" (and {len(reasons) - 2} more)" if len(reasons) > 2 else ""
-                rw.skip(ln.name, "not a zero-mean residual stream: " + "; ".join(reasons[:2]) + more)
-        applied += _apply(rw, stream, mine, bad)
+                rw.skip(ln.name, why + "; ".join(reasons[:2]) + more)
+        yield stream, mine, bad
+
+
+def _run(rw, apply, check=None, why: str = "not a zero-mean residual stream: "):
+    """Find the streams, `apply(rw, stream, lns, bad)` to each, and report the model's deviation."""
+    gm = rw.gm
+    lns = _layer_norms(rw)
+    if not lns:
+        rw.note("model", "nothing to do: no LayerNorm in the graph")
+        return
+    outputs, _ = run_recording(gm, {})
+    applied = 0
+    for stream, mine, bad in _streams(rw, lns, check, why):
+        applied += apply(rw, stream, mine, bad)
     if applied and outputs is not None:
         rw.sweep()
         after, _ = run_recording(gm, {})
         if after is not None:
             rw.note("model", f"model output deviation on the example inputs: "
                              f"{fmt_dev(deviation(outputs, after))} (exact up to rounding)")
+
+
+def prenorm_rmsnorm(rw):
+    """Find residual streams read only by LayerNorms, re-centre their writers, and turn those
+    LayerNorms into RMSNorm + bias (see the module docstring)."""
+    _run(rw, _apply)
 
 
 def _apply(rw, stream: _Stream, lns: dict, bad: dict) -> int:
@@ -283,3 +310,218 @@ def _apply(rw, stream: _Stream, lns: dict, bad: dict) -> int:
 
 
 PRENORM_RMSNORM = Pass(NAME, "exact", analysis=prenorm_rmsnorm, needs=("shapes",), doc=__doc__)
+
+
+# ---------------------------------------------------------------- Pre-CRMSNorm
+
+CRMS_NAME = "prenorm_crmsnorm"
+
+_RESIZE = {"view", "reshape", "_unsafe_view", "expand"}  # ops that spell out the hidden size
+_SHAPE_ATTRS = {"shape"}
+_HARMLESS_ATTRS = {"dtype", "device", "ndim", "layout", "is_cuda", "requires_grad"}
+_SUM = torch.ops.aten.sum.dim_IntList
+_NEG = torch.ops.aten.neg.default
+_CAT = torch.ops.aten.cat.default
+
+
+def _sizes(n: fx.Node) -> list | None:
+    """The size list a view/reshape/expand spells out (varargs or one list), or None."""
+    if n.op == "call_method":
+        rest = n.args[1:]
+        if n.kwargs:
+            return None
+        return list(rest[0]) if len(rest) == 1 and isinstance(rest[0], (list, tuple)) else list(rest)
+    if len(n.args) == 2 and isinstance(n.args[1], (list, tuple)):  # (kwargs, e.g. `implicit`, are kept)
+        return list(n.args[1])
+    return None
+
+
+def _with_sizes(n: fx.Node, args: tuple, sizes: list) -> tuple:
+    """`args` (n's, remapped) with the size list replaced by `sizes`, in n's own spelling."""
+    if n.op == "call_method" and not (len(n.args) == 2 and isinstance(n.args[1], (list, tuple))):
+        return (args[0], *sizes)
+    return (args[0], type(n.args[1])(sizes))
+
+
+def _check_compressible(stream: _Stream, d: int):
+    """What stops a zero-mean stream from being stored in d-1 features: a hidden size that is
+    spelt out other than as d or -1, a reader of the hidden size (it would see d-1), d < 3 (a
+    size-1 axis would broadcast or squeeze)."""
+    if d < 3:  # every connected stream of this width
+        stream.failures += [(n, f"the hidden size is {d}; a {d - 1}-wide stream would broadcast")
+                            for n in stream.axis]
+        return
+    for n, axis in stream.axis.items():
+        shape = tensor_shape(n)
+        if shape is None or len(shape) <= axis or shape[axis] != d:
+            stream.failures.append((n, f"the residual stream at {_where(n)} has size "
+                                       f"{None if shape is None else shape[axis]} on the hidden axis, not {d}"))
+            continue
+        if op_name(n) in _RESIZE:
+            sizes = _sizes(n)
+            entry = sizes[axis] if sizes is not None and len(sizes) == len(shape) else None
+            if not (isinstance(entry, int) and entry in (d, -1)):
+                stream.failures.append((n, f"{_where(n)} spells the hidden size of the residual stream as "
+                                           f"{entry!r}, which cannot be made {d - 1}"))
+        for u in n.users:
+            why = _hidden_size_read(u, axis, len(shape))
+            if why:
+                stream.failures.append((n, f"{_where(u)} {why} of the residual stream at {_where(n)}; "
+                                           f"it would see {d - 1}, not {d}"))
+
+
+def _hidden_size_read(u: fx.Node, axis: int, ndim: int) -> str | None:
+    """How a metadata reader `u` reads the hidden size (None when it does not)."""
+    name = op_name(u)
+    if name in ("size", "sym_size"):
+        dim = u.args[1] if len(u.args) > 1 else u.kwargs.get("dim")
+        if dim is None:
+            return _shape_read(u, axis, ndim)
+        return "reads the hidden size" if not isinstance(dim, int) or dim % ndim == axis else None
+    if name == "getattr":
+        attr = u.args[1] if len(u.args) > 1 else None
+        if attr in _SHAPE_ATTRS:
+            return _shape_read(u, axis, ndim)
+        return None if attr in _HARMLESS_ATTRS else f"reads .{attr}"
+    if name == "_assert_tensor_metadata":
+        if len(u.args) > 1 or any(u.kwargs.get(k) is not None for k in ("size", "stride")):
+            return "asserts the size"
+    return None
+
+
+def _shape_read(shape_node: fx.Node, axis: int, ndim: int) -> str | None:
+    for w in shape_node.users:
+        i = w.args[1] if op_name(w) == "getitem" and len(w.args) > 1 else None
+        if not isinstance(i, int) or i % ndim == axis:
+            return "reads the hidden size"
+    return None
+
+
+def _resized_meta(node: fx.Node, axis: int, size: int) -> dict:
+    """`node`'s shape metadata with `size` on `axis` (same dtype, same order of strides)."""
+    out = {}
+    for key in ("val", "example_value"):
+        v = node.meta.get(key)
+        if isinstance(v, torch.Tensor):
+            shape = list(v.shape)
+            shape[axis] = size
+            try:
+                order = list(v.dim_order())
+            except Exception:  # symbolic strides that cannot be ordered: a fresh layout
+                order = list(range(v.dim()))
+            with getattr(v, "fake_mode", None) or contextlib.nullcontext():
+                out[key] = torch.empty_permuted(shape, order, dtype=v.dtype, device=v.device)
+    tm = node.meta.get("tensor_meta")
+    if tm is not None and hasattr(tm, "shape"):
+        shape = list(tm.shape)
+        shape[axis] = size
+        order = sorted(range(len(shape)), key=lambda i: -tm.stride[i]) if tm.stride else range(len(shape))
+        stride, step = [0] * len(shape), 1
+        for i in reversed(list(order)):
+            stride[i] = step
+            step *= max(shape[i], 1)
+        out["tensor_meta"] = tm._replace(shape=torch.Size(shape), stride=tuple(stride))
+    return out
+
+
+def _narrowed(t: torch.Tensor, axis: int, d: int) -> torch.Tensor:
+    """t centred along `axis` (in float64), keeping the first d-1 entries of that axis."""
+    return _centre(t, axis).narrow(axis, 0, d - 1)
+
+
+def _apply_crms(rw, stream: _Stream, lns: dict, bad: dict) -> int:
+    ok = lambda n: stream.find(n) not in bad  # noqa: E731
+    nodes = [n for n in rw.gm.graph.nodes if n in stream.axis and ok(n)]
+    if not nodes:
+        return 0
+    d = stream.d
+    narrowed = 0
+    for n in nodes:  # in graph order: every stream input of n is already its d-1 copy
+        axis, consts = stream.axis[n], stream.writers.get(n, {})
+        subst = {}
+        for g, (_, g_axis) in consts.items():
+            rw.at(n)
+            subst[g] = rw.param(f"{g.target}_crms", lambda t, a=g_axis: _narrowed(t, a, d), g)
+        rw.at(n)
+        if op_name(n) in _RESIZE:
+            args = fx.node.map_arg(n.args, lambda a: subst.get(a, a))
+            sizes = _sizes(n)
+            if sizes[axis] == d:
+                sizes[axis] = d - 1
+            args = _with_sizes(n, args, sizes)
+            new = rw.call_method(n.target, args) if n.op == "call_method" else \
+                rw.call_function(n.target, args, dict(n.kwargs))
+            new.meta.update({k: v for k, v in n.meta.items() if k not in new.meta})
+        else:
+            new = rw.copy(n, lambda a: subst.get(a, a))
+        new.meta.update(_resized_meta(n, axis, d - 1))
+        if consts:
+            names = ", ".join(f"{g.target} along dim {a % rw.value(g).dim()}" for g, (_, a) in consts.items())
+            rw.replace(n, new, f"re-centred {names} and kept its first {d - 1} of {d} features, so that "
+                               f"{_where(n)} writes the zero-mean stream stored in {d - 1} dims")
+            narrowed += 1
+        else:
+            rw.redirect(n, new)
+    count = 0
+    for ln in lns:
+        if not ok(ln):
+            continue
+        x = ops.arg(ln, "input")  # the d-1 copy (redirected above)
+        rw.at(ln)
+        s = rw.call_function(_SUM, (x, [-1], True))
+        neg = rw.call_function(_NEG, (s,))
+        full = rw.call_function(_CAT, ([x, neg], -1))
+        s.meta.update(_resized_meta(x, -1, 1))
+        neg.meta.update(_resized_meta(x, -1, 1))
+        full.meta.update(_resized_meta(x, -1, d))
+        out = rw.call(ops.rms_norm, input=full, normalized_shape=[d], weight=ops.arg(ln, "weight"),
+                      eps=ops.arg(ln, "eps"))
+        out.meta.update({k: ln.meta[k] for k in ("val", "example_value", "tensor_meta") if k in ln.meta})
+        bias = ops.arg(ln, "bias")
+        if bias is not None:
+            out = rw.call(ops.add, self=out, other=bias)
+        rw.replace(ln, out, f"LayerNorm{' of ' + module_path(ln) if module_path(ln) else ''} -> CRMSNorm "
+                            f"(rms_norm of cat(x, -sum(x)) over {d}{' + bias' if bias is not None else ''}): "
+                            f"its input stream is zero-mean and stored in {d - 1} dims")
+        count += 1
+    if count:
+        first = next(ln for ln in lns if ok(ln))
+        rw.note(first.name, f"residual stream of {len(nodes)} ops ({count} LayerNorms) stored in {d - 1} "
+                            f"features instead of {d}: {narrowed} writers re-centred and narrowed")
+    return count
+
+
+def prenorm_crmsnorm(rw):
+    """Exact Pre-LN -> Pre-CRMSNorm (Jiang et al. 2023): store each zero-mean residual stream of a
+    pre-LN transformer in d-1 features, and turn every LayerNorm reading it into CRMSNorm.
+
+    Math. After `prenorm_rmsnorm`'s re-centring the stream h in R^d has sum(h) = 0, so its last
+    coordinate is determined by the others: h_d = -sum_{i<d} h_i. Every writer keeps only its
+    first d-1 output features (rows of a linear/conv weight and bias, columns of GPT-2's addmm
+    weight and of an embedding, the hidden axis of a constant), all centred along the hidden dim
+    first; adds, scalar scales, casts, reshapes and concatenations along other axes act per
+    feature, so the stream ops compute exactly h' = h[..., :d-1]. A LayerNorm reading h
+    (LN(h) = (h - mean h) / sqrt(var h + eps) * w + b, var biased) becomes, with s = sum(h'),
+
+        CRMSNorm(h') = cat(h', -s) / sqrt((sum(h'^2) + s^2) / d + eps) * w + b,
+
+    equal to LN(h) in real arithmetic: cat(h', -s) = h, mean(h) = 0 and var(h) = mean(h^2) =
+    (sum(h'^2) + s^2) / d, with eps added to the variance exactly where LayerNorm adds it. It is
+    written as canonical ops: `aten.sum` (keepdim), `aten.neg`, `aten.cat` and `aten.rms_norm`
+    over d (mean(x^2) + eps under the square root, as above) on the rebuilt vector, plus
+    `aten.add` of the old bias, so later passes and the Triton lowering see an ordinary RMSNorm
+    region (the rebuilt input ends its prologue). Exact up to rounding; proven in float64 on
+    GPT-2 and a pre-LN ViT (tests/test_swaps_precrms.py).
+
+    Refused (per stream, with the reason) wherever `prenorm_rmsnorm` is, and also where the
+    hidden size itself is read (`x.shape[-1]`, `size(-1)`) or spelt out other than as d or -1
+    in a view/expand, or d < 3. A returned stream is refused rather than rebuilt: the rebuilt
+    vector is the re-centred stream, not the model's. Parameters: every writer loses one output
+    feature (a d x k weight and its bias lose k + 1); a tied weight (GPT-2's wte, shared with the
+    LM head) gets a narrowed copy for the stream while the head keeps the original, so a tied
+    LM-head model gains V x (d - 1) for the copy less what the other writers lose."""
+    _run(rw, _apply_crms, _check_compressible, "not a zero-mean residual stream that can be stored in d-1 dims: ")
+
+
+PRENORM_CRMSNORM = Pass(CRMS_NAME, "exact", analysis=prenorm_crmsnorm, needs=("shapes",),
+                        doc=prenorm_crmsnorm.__doc__)
