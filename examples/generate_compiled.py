@@ -70,8 +70,17 @@ def compare(family: str, dtype: torch.dtype, new_tokens: int, compiler: str = "e
     got = {name: greedy(model, ids, mask, new_tokens) for name, (ids, mask) in cases.items()}
     reports = backend.REPORTS[first:]
     return {"same": {name: torch.equal(got[name], want[name]) for name in cases},
-            "graphs": len(reports), "fused": [r.count("lower_triton") for r in reports],
-            "norms": sum(1 for m in model.modules() if type(m).__name__.endswith("RMSNorm"))}
+            "graphs": len(reports), "fused": [_lowered(r, glu=False) for r in reports],
+            "glu": [_lowered(r, glu=True) for r in reports],
+            "norms": sum(1 for m in model.modules() if type(m).__name__.endswith("RMSNorm")),
+            "layers": model.config.num_hidden_layers}
+
+
+def _lowered(report, glu: bool) -> int:
+    """Regions the lowering fused in one compiled graph: norm regions, or GLU regions (a gated
+    product `act(gate) * up`: kernel `_silu_mul_fwd_kernel` / `_gelu_mul_fwd_kernel`)."""
+    return sum(1 for r in report.records if r.pass_name == "lower_triton" and r.action == "rewrote"
+               and ("_mul_fwd_kernel" in r.detail) == glu)
 
 
 def main(argv=None):
@@ -86,7 +95,8 @@ def main(argv=None):
         print(f"{args.family} {args.dtype} {name}: {args.new_tokens} greedy tokens "
               f"{'identical to eager' if same else 'DIFFER from eager'}")
     print(f"compiled graphs: {out['graphs']}; fused regions per graph: {out['fused']} "
-          f"(the model has {out['norms']} RMSNorms)")
+          f"(the model has {out['norms']} RMSNorms); GLU regions per graph: {out['glu']} "
+          f"(the model has {out['layers']} gated MLPs)")
     return 0 if all(out["same"].values()) else 1
 
 

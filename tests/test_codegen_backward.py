@@ -426,13 +426,22 @@ def test_unsupported_regions_return_none():
     assert "batch_norm" in backward.unsupported(ir.loads(spec))
     ins = [x] + [torch.ones(4)] * 4
     assert backward.run_backward(spec, ins, [torch.ones_like(x)], [True] * 5) is None
+
+
+@pytest.mark.skipif(not INTERP, reason="runs the kernel in Triton's interpreter")
+def test_glu_region_has_a_backward_kernel():
+    """A GLU region (no norm) gets the elementwise part of the same kernel."""
     glu = ir.dumps({"version": 1, "inputs": [{"dtype": "float32", "channel_view": 0}] * 2,
                     "nodes": [{"op": "silu", "args": [["in", 0]], "attrs": {}, "dtype": "float32"},
                               {"op": "mul", "args": [["v", 0], ["in", 1]], "attrs": {}, "dtype": "float32"}],
                     "outputs": [1], "norm": None, "glu": 1})
-    assert "GLU" in backward.unsupported(ir.loads(glu))
-    a = torch.randn(3, 8)
-    assert backward.run_backward(glu, [a, a], [a], [True, True]) is None
+    assert backward.unsupported(ir.loads(glu)) is None
+    g, u, dy = torch.randn(3, 37), torch.randn(3, 37), torch.randn(3, 37)
+    got = backward.run_backward(glu, [g, u], [dy], [True, True])
+    leaves = [g.clone().requires_grad_(), u.clone().requires_grad_()]
+    want = torch.autograd.grad(F.silu(leaves[0]) * leaves[1], leaves, dy)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_too_wide_rows_return_none():

@@ -120,8 +120,8 @@ def test_caches_stay_bounded_over_many_shapes(monkeypatch, launches):
         assert len(runtime._LAUNCHES) <= bound and len(runtime._KERNELS) <= bound
     assert len(launches) == 61
     assert len(runtime._KERNELS) == bound  # 20 kernels were built: the bound really evicted
-    loaded = [name for name in sys.modules if name.startswith("fxrewrite_kernels.")]
-    assert len(loaded) <= bound, loaded  # evicted kernels' modules are unloaded too
+    loaded = [name for name in sys.modules if name.startswith("fxrewrite_kernels.") and "_bwd_kernel_" not in name]
+    assert len(loaded) <= bound, loaded  # evicted kernels' modules are unloaded too (backward kernels: their own cache)
 
 
 def test_language_model_over_50_sequence_lengths_keeps_caches_bounded(monkeypatch, launches):

@@ -39,6 +39,10 @@ the N columns of the row, masked lanes excluded):
     DyT        y = tanh(alpha * x) * w + b
                du = dy * w * (1 - t^2),  dx = du * alpha,  dalpha += du * x,  dw += dy * t,  db += dy
 
+A GLU region (`silu(gate) * up`, `gelu(gate) * up`; no norm) is the same kernel without the row
+statistics: the elementwise rules alone, gate's and up's gradients written per element (or
+reduced per column when `up` broadcasts).
+
 Elementwise rules follow ATen's backward formulas (the same boundaries for relu, hardtanh,
 hardsigmoid, hardswish; gelu's erf and tanh forms). Adjoints stay in the compute dtype (eager
 rounds each op's gradient to the op's dtype: a bfloat16 region's gradients match eager's to
@@ -47,7 +51,7 @@ LayerNorm's two backward row means are one `tl.reduce` over a pair (one round th
 memory): on an H200 that moved LayerNorm's backward from 2.14 to 2.40 TB/s at M = 32768, N = 4096.
 
 Not supported (`run_backward` returns None, the caller falls back to autograd of the eager
-reference): GLU regions (no norm), BatchNorm, any op without a rule, per-channel
+reference): BatchNorm, any op without a rule, per-channel
 (`channel_view`) inputs, rows wider than one block (N > 8192 in float32, 4096 in float64),
 empty domains, and calls that autograd must see through (a tensor subclass such as a fake or
 functional tensor, a dispatch mode, torch.compile tracing, a double backward: gradients that
@@ -216,8 +220,6 @@ RULES = {
 
 def unsupported(spec: dict) -> str | None:
     """Why this region has no generated backward (None: it has one)."""
-    if spec["norm"] is None or "glu" in spec:
-        return "a GLU region (no norm)"
     for n in spec["nodes"]:
         if n["op"] not in RULES:
             return f"no derivative rule for {n['op']!r}"
@@ -292,9 +294,12 @@ class _Source:
         self.ct = compute_dtype(spec, launch.input_dtypes)
         self.CT = TL_DTYPES[self.ct]
         self.lines: list[str] = []
-        norm = self.nodes[spec["norm"]]
-        self.norm, self.stats = spec["norm"], OPS[norm["op"]].stats
-        self.eps = norm["attrs"].get("eps", 0.0)
+        if spec["norm"] is None:  # a GLU region: elementwise, no row statistics
+            self.norm, self.stats, self.eps = None, "", 0.0
+        else:
+            norm = self.nodes[spec["norm"]]
+            self.norm, self.stats = spec["norm"], OPS[norm["op"]].stats
+            self.eps = norm["attrs"].get("eps", 0.0)
         seeded = {j for j, g in zip(spec["outputs"], launch.grad_dtypes) if g is not None}
         self.active, _ = active_nodes(spec, launch.wanted, seeded)
 
