@@ -5,8 +5,8 @@
     TRITON_INTERPRET=1 python bench/gpu_norm.py --smoke     # CPU interpreter, tiny sizes, checks only
 
 For each region (RMSNorm, add+RMSNorm with the residual as a second output, RMSNorm+SiLU,
-LayerNorm+GELU, DyT, DyT+SmeLU) the region is written as a small nn.Module, lowered with
-`optimize(..., lower="triton")`, checked against eager, then timed:
+LayerNorm+GELU, DyT, DyT+SmeLU, pRMSNorm with p = 6.25%) the region is written as a small
+nn.Module, lowered with `optimize(..., lower="triton")`, checked against eager, then timed:
 
   ours      the lowered module's fused kernel (the graph calls `runtime.call_region`)
   eager     the module as written (PyTorch eager)
@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from fxrewrite import optimize  # noqa: E402
 from fxrewrite.cudagraphs import cuda_graphs  # noqa: E402
-from fxrewrite.rewrite.nn import DyT, SmeLU  # noqa: E402
+from fxrewrite.rewrite.nn import DyT, PartialRMSNorm, SmeLU  # noqa: E402
 
 
 class RMS(nn.Module):
@@ -96,8 +96,20 @@ class DyTSmeLU(DyTOnly):
         return self.act(self.norm(x))
 
 
+class PRMS(nn.Module):
+    """pRMSNorm, p = 6.25%: the statistic reads a sixteenth of each row, the output all of it."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.norm = PartialRMSNorm(n, p=0.0625, eps=1e-6)
+
+    def forward(self, x):
+        return self.norm(x)
+
+
 REGIONS = {"rmsnorm": (RMS, 1), "add_rmsnorm": (AddRMS, 2), "rmsnorm_silu": (RMSSiLU, 1),
-           "layernorm_gelu": (LNGELU, 1), "dyt": (DyTOnly, 1), "dyt_smelu": (DyTSmeLU, 1)}
+           "layernorm_gelu": (LNGELU, 1), "dyt": (DyTOnly, 1), "dyt_smelu": (DyTSmeLU, 1),
+           "prmsnorm": (PRMS, 1)}
 
 
 def _randomise(m: nn.Module):

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from fxrewrite.codegen import emit, ir, regions, runtime
 from fxrewrite.codegen.reference import run_reference
 from fxrewrite import optimize
-from fxrewrite.rewrite.nn import ELN, DyT, SmeLU
+from fxrewrite.rewrite.nn import ELN, DyT, PartialRMSNorm, SmeLU
 
 aten = torch.ops.aten
 OP = runtime.OP
@@ -139,6 +139,17 @@ class AddELNGelu(nn.Module):
         return F.gelu(self.norm(x + r))
 
 
+class PRMSSiLU(nn.Module):
+    """pRMSNorm (the statistic over the first k of the columns only), then SiLU."""
+
+    def __init__(self, n, p):
+        super().__init__()
+        self.norm = PartialRMSNorm(n, p=p, eps=1e-6)
+
+    def forward(self, x):
+        return F.silu(self.norm(x))
+
+
 class BNRelu(nn.Module):
     """An eval BatchNorm on a sum (no conv to fold it into) + ReLU: the per-channel kind."""
 
@@ -171,6 +182,8 @@ KINDS = {  # name: (module, inputs' shapes, ops of the region in order)
                                      ["layer_norm", "gelu", "add"]),
     "dyt_smelu": (lambda: DyTSmeLU(33), [(4, 33)], ["dyt", "smelu"]),
     "add_eln_gelu": (lambda: AddELNGelu(37), [(5, 37), (5, 37)], ["add", "eln", "gelu"]),
+    "prms_norm_silu": (lambda: PRMSSiLU(48, 0.25), [(2, 3, 48)], ["prms_norm", "silu"]),
+    "prms_norm_whole_row": (lambda: PRMSSiLU(20, 1.0), [(7, 20)], ["prms_norm", "silu"]),
     "batchnorm_eval_relu": (lambda: BNRelu(4), [(2, 4, 5, 3), (2, 4, 5, 3)], ["add", "batch_norm", "relu"]),
 }
 
@@ -565,7 +578,7 @@ def test_bench_smoke_runs_in_the_interpreter():
     proc = subprocess.run([sys.executable, str(root / "bench" / "gpu_norm.py"), "--smoke"], cwd=root, env=env,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count(" ok (max scaled error") == 24
+    assert proc.stdout.count(" ok (max scaled error") == 28  # 7 regions x 2 sizes x 2 dtypes
     assert "triton copy kernel ok" in proc.stdout  # the copy ceiling's kernel copies correctly
     assert proc.stdout.strip().endswith("smoke ok")
 

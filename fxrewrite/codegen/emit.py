@@ -133,6 +133,7 @@ class _KernelSource:
             norm_node = self.nodes[spec["norm"]]
             self.stats = OPS[norm_node["op"]].stats
             self.eps = norm_node["attrs"].get("eps", 0.0)
+            self.k = norm_node["attrs"].get("k")  # pRMSNorm: the columns its statistic reads
             self.x_arg = norm_node["args"][0]
         x_kind = self.x_arg[0] if self.x_arg is not None else None
         self.pre = _needed_for(spec, self.x_arg[1]) if x_kind == "v" else set()
@@ -279,9 +280,16 @@ class _KernelSource:
             w(ind, f"rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / N + {self.eps!r})")
             w(ind, "mean = mean[:, None]")
         else:
-            w(ind, f"xs = tl.where(mask, {x}, 0.0)")
-            w(ind, f"rstd = 1.0 / tl.sqrt(tl.sum(xs * xs, axis=1) / N + {self.eps!r})")
+            w(ind, f"xs = tl.where({self._stat_mask()}, {x}, 0.0)")
+            w(ind, f"rstd = 1.0 / tl.sqrt(tl.sum(xs * xs, axis=1) / {self._stat_count()} + {self.eps!r})")
         w(ind, "rstd = rstd[:, None]")
+
+    def _stat_mask(self) -> str:
+        """The elements the RMS statistic reads: the row, or for pRMSNorm its first k columns."""
+        return f"mask & (cols < {self.k})[None, :]" if self.stats == "prms_rstd" else "mask"
+
+    def _stat_count(self) -> str:
+        return str(self.k) if self.stats == "prms_rstd" else "N"
 
     def write_statistics_by_chunks(self):
         """Loop mode: accumulate over column chunks, recomputing the prologue in each pass; for
@@ -297,9 +305,9 @@ class _KernelSource:
             w(2, f"xc = tl.where(mask, {x} - mean, 0.0)")
             w(2, "acc += xc * xc")
         else:
-            w(2, f"xs = tl.where(mask, {x}, 0.0)")
+            w(2, f"xs = tl.where({self._stat_mask()}, {x}, 0.0)")
             w(2, "acc += xs * xs")
-        w(1, f"rstd = (1.0 / tl.sqrt(tl.sum(acc, axis=1) / N + {self.eps!r}))[:, None]")
+        w(1, f"rstd = (1.0 / tl.sqrt(tl.sum(acc, axis=1) / {self._stat_count()} + {self.eps!r}))[:, None]")
 
 
 def _stores(w: _Writer, spec: dict, ind: int):

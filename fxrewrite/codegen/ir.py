@@ -43,7 +43,7 @@ from typing import Callable
 
 import torch
 
-from ..rewrite.nn import dyt, eln, smelu
+from ..rewrite.nn import dyt, eln, partial_rms_norm, smelu
 
 aten = torch.ops.aten
 
@@ -70,7 +70,8 @@ class OpDef:
         of compute-dtype values); `target` is "cuda" or "interpreter" (the interpreter lacks
         libdevice, so a few special functions have a portable spelling there).
     stats: for norms, the row statistics the template must reduce before `triton` is applied:
-        "mean_rstd" (LayerNorm) or "rms_rstd" (RMSNorm); () for elementwise ops.
+        "mean_rstd" (LayerNorm), "rms_rstd" (RMSNorm) or "prms_rstd" (pRMSNorm: the mean
+        square of the first attrs["k"] columns); "" for elementwise ops.
     """
 
     name: str
@@ -185,6 +186,11 @@ def _rms_norm_expr(a, attrs, target):
     return f"({x} * rstd * {w})" if w is not None else f"({x} * rstd)"
 
 
+def _prms_norm_eager(args, attrs):
+    x, w = args
+    return partial_rms_norm(x, attrs["k"], w, attrs["eps_arg"])
+
+
 def _batch_norm_eager(args, attrs):
     x, w, b, mean, var = args
     return aten.batch_norm.default(x, w, b, mean, var, False, 0.0, attrs["eps"], True)
@@ -223,6 +229,8 @@ _TABLE = [
     # norms (one per region)
     OpDef("layer_norm", _layer_norm_eager, _layer_norm_expr, stats="mean_rstd", is_norm=True),
     OpDef("rms_norm", _rms_norm_eager, _rms_norm_expr, stats="rms_rstd", is_norm=True),
+    # pRMSNorm: the mean square of the first attrs["k"] columns only (`emit` masks the statistic)
+    OpDef("prms_norm", _prms_norm_eager, _rms_norm_expr, stats="prms_rstd", is_norm=True),
     OpDef("dyt", _dyt_eager, _dyt_expr, is_norm=True),
     OpDef("eln", _eln_eager, _eln_expr, is_norm=True),
     OpDef("batch_norm", _batch_norm_eager, _batch_norm_expr, is_norm=True),

@@ -47,7 +47,7 @@ import torch.nn as nn
 
 from ..rewrite import ops
 from ..rewrite.shapes import tensor_dtype, tensor_shape
-from ..rewrite.nn import ELN, DyT, SmeLU
+from ..rewrite.nn import ELN, DyT, PartialRMSNorm, SmeLU
 
 from .ir import GLU_ACTS, SpecBuilder, dtype_name, region_name
 
@@ -235,6 +235,20 @@ def describe_norm(gm: fx.GraphModule, node: fx.Node) -> Described | None:
             bias = Operand(attr=f"{node.target}.bias") if mod.bias is not None else Operand(absent=True)
             return Described("eln", [Operand(node=node.args[0]), Operand(attr=f"{node.target}.beta"),
                                      Operand(attr=f"{node.target}.weight"), bias], {"channels": mod.normalized_shape})
+        if _is(mod, PartialRMSNorm):
+            if len(node.args) != 1 or node.kwargs:
+                raise NotFusable("pRMSNorm called with extra arguments")
+            x = node.args[0]
+            dt = dtype_of(x)
+            if dt is None:
+                raise NotFusable("input dtype unknown")
+            # eager's eps when None: RMSNorm's (float32's for half types) over the whole row, else
+            # the input dtype's machine epsilon (`rewrite.nn.partial_rms_norm`)
+            eps = mod.eps if mod.eps is not None else float(torch.finfo(
+                dt if mod.k < mod.normalized_shape or dt == torch.float64 else torch.float32).eps)
+            w = Operand(attr=f"{node.target}.weight") if mod.weight is not None else Operand(absent=True)
+            return Described("prms_norm", [Operand(node=x), w],
+                             {"k": mod.k, "eps": float(eps), "eps_arg": mod.eps, "reduce_ndim": 1})
         if not _is(mod, DyT):
             return None
         if len(node.args) != 1 or node.kwargs:
