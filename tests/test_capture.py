@@ -215,3 +215,29 @@ def test_gc_thresholds_come_back_after_overlapping_optimizations():
             assert gc.get_threshold()[0] == 0
     finally:
         gc.set_threshold(*before)
+
+
+def test_batch_two_trace_that_rejects_the_example_batch_of_one_is_exported_static():
+    """Captured at batch 2 (export would fix a batch of 1), a model that branches on `batch != 1`
+    gets a graph of the batch-2 branch that export lets run at batch 1 unguarded (torchvision's
+    RAFT keeps a guard instead, and fails). Capture compares the graph with the model on the
+    user's own batch-1 example, exports at batch 1 with static shapes, and says so."""
+    from fxrewrite import optimize
+
+    class BatchBranch(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+
+        def forward(self, x):
+            if x.shape[0] != 1:  # data-dependent for symbolic_trace: captured by torch.export
+                return self.lin(x) * 2
+            return self.lin(x)
+
+    model, x = BatchBranch().eval(), torch.randn(1, 4)
+    fast = optimize(model, x)
+    notes = [r.detail for r in fast.report.records if r.pass_name == "capture"]
+    assert "the batch-2 trace computes another out at the example's batch of 1: exported at batch 1 with " \
+           "static shapes instead" in notes, notes
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), model(x))

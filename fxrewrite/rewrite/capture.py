@@ -252,11 +252,13 @@ def capture(model: nn.Module, example_inputs, report: Report, dynamic=None, foll
         failures.append(f"torch.export failed: {_first_line(e)}{_user_frame(e)}")
         raise CaptureError(f"could not capture {type(model).__name__}:\n  " + "\n  ".join(failures)) from None
     gm = ep.module()
-    if traced is not None and (why := _fails_on(gm, args, kwargs)):
-        # a guard of the batch-2 trace (e.g. `batch != 1`) rejects the user's own batch of 1:
-        # export at that batch, every axis static, rather than hand back a graph that cannot run it
-        report.note("capture", "shapes", f"the batch-2 trace fails at the example's batch of 1 ({why}): "
-                    "exported at batch 1 with static shapes instead")
+    if traced is not None and (why := _wrong_at(gm, work, args, kwargs)):
+        # the batch-2 trace rejects the user's own batch of 1 (a guard `batch != 1`), or computes
+        # something else there (code that branches on `batch == 1`, which export's size-1
+        # assumptions let through unguarded): export at that batch, every axis static, rather than
+        # hand back a graph that cannot run it or silently differs on it
+        report.note("capture", "shapes", f"the batch-2 trace {why} at the example's batch of 1: exported at "
+                    "batch 1 with static shapes instead")
         t_args, t_kwargs, spec = args, kwargs, None
         with _quiet_export():
             gm = torch.export.export(work, t_args, t_kwargs, strict=False).module()
@@ -273,13 +275,26 @@ def capture(model: nn.Module, example_inputs, report: Report, dynamic=None, foll
     return gm
 
 
-def _fails_on(gm: fx.GraphModule, args, kwargs) -> str | None:
-    """Why the exported `gm` cannot run the example inputs (state left as it was), or None."""
+def _wrong_at(gm: fx.GraphModule, work: nn.Module, args, kwargs) -> str | None:
+    """How the exported `gm` fails the example inputs, where `work` (the model) runs them: it
+    raises, or its outputs differ from the model's (both runs from one RNG state, state left as
+    it was); None when it computes what the model computes."""
+    from .verify import flatten_outputs  # verify imports this module
     try:
-        with torch.no_grad(), preserved_state(gm):
-            gm(*args, **kwargs)
+        with torch.no_grad(), preserved_state(gm), preserved_state(work):
+            with torch.random.fork_rng():
+                torch.manual_seed(0)
+                got = flatten_outputs(gm(*args, **kwargs))
+            with torch.random.fork_rng():
+                torch.manual_seed(0)
+                want = flatten_outputs(work(*args, **kwargs))
     except Exception as e:
-        return _first_line(e)
+        return f"fails ({_first_line(e)})"
+    for name, w in want.items():
+        g = got.get(name)
+        if g is None or g.shape != w.shape or (w.is_floating_point() and not torch.allclose(
+                g, w, rtol=1e-4, atol=1e-5, equal_nan=True)) or (not w.is_floating_point() and not torch.equal(g, w)):
+            return f"computes another {name}"
     return None
 
 
