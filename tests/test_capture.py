@@ -241,3 +241,55 @@ def test_batch_two_trace_that_rejects_the_example_batch_of_one_is_exported_stati
            "static shapes instead" in notes, notes
     with torch.no_grad():
         torch.testing.assert_close(fast(x), model(x))
+
+
+def test_an_axis_whose_size_one_takes_another_path_is_guarded():
+    """export assumes a dynamic size is never 1 and keeps no guard for `seq != 1`, and its module
+    does not check input sizes: optimized at sequence length 8, this model would silently take
+    the other branch at length 1. Capture runs the model and the graph at size 1 on each dynamic
+    axis, and where they differ the graph refuses size 1 with an error that says why."""
+    from fxrewrite import optimize
+
+    class SeqBranch(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(10, 4)
+
+        def forward(self, input_ids):
+            h = self.emb(input_ids)
+            if input_ids.shape[1] != 1:  # a decode-time special case
+                return h * 2
+            return h
+
+    model = SeqBranch().eval()
+    fast = optimize(model, {"input_ids": torch.randint(0, 10, (2, 8))})
+    notes = [r.detail for r in fast.report.records if r.pass_name == "capture"]
+    assert any(n.startswith("at size 1 the model takes another path than the traced graph on input_ids axis 1")
+               for n in notes), notes
+    for shape in ((3, 5), (1, 9)):  # other sizes, batch 1 included (that axis behaves)
+        x = torch.randint(0, 10, shape)
+        torch.testing.assert_close(fast(input_ids=x), model(input_ids=x))
+    with pytest.raises(RuntimeError, match="traced for sizes >= 2 of axis 1, and got 1"):
+        fast(input_ids=torch.randint(0, 10, (2, 1)))
+
+
+def test_capture_checks_never_write_into_the_user_inputs():
+    """A model that adds into its input in place, captured by torch.export: the checks capture
+    runs (the graph at size 1 on each dynamic axis, against the model) work on copies, so the
+    user's example is unchanged and the in-place write raises no false alarm. (The fuzzer found
+    the first version of the size-1 check running on a view of the example.)"""
+    from fxrewrite import optimize
+
+    class AddsIntoInput(nn.Module):
+        def forward(self, x):
+            x.add_(1.0)
+            if x.shape[-1] > 4:  # data-dependent for symbolic_trace: captured by torch.export
+                return x * 2
+            return x
+
+    x = torch.randn(2, 3, 6)
+    before = x.clone()
+    fast = optimize(AddsIntoInput(), x)
+    assert torch.equal(x, before)
+    notes = [r.detail for r in fast.report.records if r.pass_name == "capture"]
+    assert not any("at size 1" in n for n in notes), notes

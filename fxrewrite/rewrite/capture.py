@@ -21,7 +21,7 @@ import torch.nn as nn
 from torch.fx._lazy_graph_module import _LazyGraphModule
 
 from .clone import clone_inputs, copy_model, preserved_state
-from .dynamic import batch_of_two, dynamic_shapes, report_axes
+from .dynamic import batch_of_two, dynamic_shapes, guard_sizes, report_axes
 from .computed_weights import LEGACY_WEIGHT_HOOKS, computation_node, computed_tensors
 from .effects import hooks_of
 from .mode import MODE_MODULES, follow_mode, merge_modes, traced_mode_facts, training_ops
@@ -262,6 +262,7 @@ def capture(model: nn.Module, example_inputs, report: Report, dynamic=None, foll
         t_args, t_kwargs, spec = args, kwargs, None
         with _quiet_export():
             gm = torch.export.export(work, t_args, t_kwargs, strict=False).module()
+    ones = size_one_paths(gm, work, args, kwargs) if spec is not None else {}
     both = follow_modes and _both_modes(work, model.training, gm, (t_args, t_kwargs, spec), report)
     if both:
         gm = both
@@ -269,6 +270,17 @@ def capture(model: nn.Module, example_inputs, report: Report, dynamic=None, foll
     report.note("capture", "model", f"torch.export: {len(gm.graph.nodes)} nodes"
                 + (f" ({failures[0]})" if failures else ""))
     report_axes(gm, model, t_args, t_kwargs, spec, report)
+    if ones:
+        # export assumes a dynamic size is never 1 and drops guards like `seq != 1`, and its module
+        # does not check input sizes: an axis whose size 1 takes another path in the model gets an
+        # explicit check, so a call at size 1 is refused instead of silently computing the rest
+        where = [(name, ax) for axes in ones.values() for name, ax in axes]
+        guard_sizes(gm, where, "size 1 takes another path in the model")
+        report.note("capture", "shapes", "at size 1 the model takes another path than the traced graph on "
+                    + "; ".join(f"{', '.join(f'{k} axis {ax}' for k, ax in axes)} ({ones.why[sym]})"
+                                for sym, axes in ones.items())
+                    + " (checked at capture on the example narrowed to 1): the graph serves sizes >= 2 there "
+                    "and refuses size 1 with an error")
     gm.meta["example_inputs"] = clone_inputs((args, kwargs))  # for passes that measure
     follow_mode(gm, {"route": "torch.export", "training": model.training, "ops": training_ops(gm),
                      "both_modes": bool(both)})
@@ -276,18 +288,22 @@ def capture(model: nn.Module, example_inputs, report: Report, dynamic=None, foll
 
 
 def _wrong_at(gm: fx.GraphModule, work: nn.Module, args, kwargs) -> str | None:
-    """How the exported `gm` fails the example inputs, where `work` (the model) runs them: it
-    raises, or its outputs differ from the model's (both runs from one RNG state, state left as
-    it was); None when it computes what the model computes."""
+    """How the exported `gm` fails inputs that `work` (the model) runs: it raises, or its outputs
+    differ from the model's (both runs from one RNG state, state left as it was); None when it
+    computes what the model computes, or when the model itself fails on them."""
     from .verify import flatten_outputs  # verify imports this module
+    try:  # each run on its own copy of the inputs: a model may write into its inputs
+        a, k = clone_inputs((args, kwargs))
+        with torch.no_grad(), preserved_state(work), torch.random.fork_rng():
+            torch.manual_seed(0)
+            want = flatten_outputs(work(*a, **k))
+    except Exception:
+        return None
     try:
-        with torch.no_grad(), preserved_state(gm), preserved_state(work):
-            with torch.random.fork_rng():
-                torch.manual_seed(0)
-                got = flatten_outputs(gm(*args, **kwargs))
-            with torch.random.fork_rng():
-                torch.manual_seed(0)
-                want = flatten_outputs(work(*args, **kwargs))
+        a, k = clone_inputs((args, kwargs))
+        with torch.no_grad(), preserved_state(gm), torch.random.fork_rng():
+            torch.manual_seed(0)
+            got = flatten_outputs(gm(*a, **k))
     except Exception as e:
         return f"fails ({_first_line(e)})"
     for name, w in want.items():
@@ -296,6 +312,44 @@ def _wrong_at(gm: fx.GraphModule, work: nn.Module, args, kwargs) -> str | None:
                 g, w, rtol=1e-4, atol=1e-5, equal_nan=True)) or (not w.is_floating_point() and not torch.equal(g, w)):
             return f"computes another {name}"
     return None
+
+
+class _SizeOnePaths(dict):
+    """{symbol: [(input name, axis), ...]} of the dynamic axes whose size 1 misbehaves, with
+    `why[symbol]`: how the graph failed there."""
+
+    def __init__(self):
+        super().__init__()
+        self.why: dict[str, str] = {}
+
+
+def size_one_paths(gm: fx.GraphModule, work: nn.Module, args, kwargs) -> _SizeOnePaths:
+    """The dynamic axes of the exported `gm` (grouped by their size symbol) at whose size 1 the
+    graph and the model disagree: for each symbol whose example size is not 1, every input axis
+    carrying it is narrowed to 1 and both are run (`_wrong_at`)."""
+    try:
+        named = inspect.signature(work.forward).bind(*args, **kwargs).arguments
+    except (TypeError, ValueError):
+        named = dict(kwargs)
+    axes: dict[str, list] = {}
+    for node in gm.graph.find_nodes(op="placeholder"):
+        val, example = node.meta.get("val"), named.get(node.target)
+        if not isinstance(val, torch.Tensor) or not isinstance(example, torch.Tensor) or val.dim() != example.dim():
+            continue
+        for ax, size in enumerate(val.shape):
+            if isinstance(size, torch.SymInt) and size.node.maybe_as_int() is None and example.shape[ax] != 1:
+                axes.setdefault(str(size), []).append((node.target, ax))
+    found = _SizeOnePaths()
+    for sym, where in axes.items():
+        probe = dict(named)
+        for name, ax in where:
+            probe[name] = probe[name].narrow(ax, 0, 1)
+        p_args = tuple(probe[k] for k in list(named)[:len(args)])
+        p_kwargs = {k: probe[k] for k in list(named)[len(args):]}
+        why = _wrong_at(gm, work, p_args, p_kwargs)
+        if why:
+            found[sym], found.why[sym] = where, why
+    return found
 
 
 def _both_modes(work: nn.Module, training: bool, gm: fx.GraphModule, traced, report: Report):

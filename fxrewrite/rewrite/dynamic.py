@@ -16,7 +16,36 @@ import torch.fx as fx
 import torch.nn as nn
 
 from .clone import preserved_state
+from .effects import declare_pure
 from .report import Report
+
+
+@declare_pure
+def require_size(x: torch.Tensor, axis: int, low: int, what: str) -> torch.Tensor:
+    """`x`, after checking that its `axis` has at least `low` elements (`torch._check`: a clear
+    RuntimeError in eager, a runtime assertion when the graph is traced again). Guards an axis
+    whose small sizes take another path in the model than the traced graph (`guard_sizes`)."""
+    torch._check(x.shape[axis] >= low, lambda: f"{what}: this optimized graph was traced for sizes >= {low} of "
+                 f"axis {axis}, and got {x.shape[axis]}; at that size the model takes another path (see the report)")
+    return x
+
+
+def guard_sizes(gm: fx.GraphModule, where: list, why: str) -> None:
+    """Route every reader of the placeholders in `where` ([(placeholder name, axis)]) through
+    `require_size(x, axis, 2, ...)`: torch.export's module does not check its inputs' size ranges,
+    and assumes a dynamic size is never 1."""
+    placeholders = {n.target: n for n in gm.graph.find_nodes(op="placeholder")}
+    for name, axis in where:
+        ph = placeholders.get(name)
+        if ph is None:
+            continue
+        users = list(ph.users)
+        with gm.graph.inserting_after(ph):
+            check = gm.graph.call_function(require_size, (ph, axis, 2, f"input {name} ({why})"))
+        check.meta = dict(ph.meta)
+        for u in users:
+            u.replace_input_with(ph, check)
+    gm.recompile()
 
 
 def dynamic_shapes(args, kwargs, dynamic=None):
