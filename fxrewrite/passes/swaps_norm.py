@@ -24,6 +24,9 @@ inputs, plus the model's output deviation.
   is an estimate from k channels, good when the channels are alike, poor with a few outlier
   channels among the first k or outside them. `norms=("rms_norm", "layer_norm")` also turns
   LayerNorms into pRMSNorms, dropping their mean subtraction and bias (said in the report).
+  With `lower="triton"` both are lowered: ELN like DyT, pRMSNorm with a kernel whose statistic
+  reads only the first k columns (the output still reads and writes the whole row, so on a
+  memory-bound GPU little is saved; not yet measured).
 """
 from __future__ import annotations
 
