@@ -57,27 +57,20 @@ empty domains, and calls that autograd must see through (a tensor subclass such 
 functional tensor, a dispatch mode, torch.compile tracing, a double backward: gradients that
 require grad).
 
-Kernels are cached like the forward's (`runtime.get_kernel`): the source is a function of the
-spec text and the launch specialisation (`BwdLaunch`); it is written to
-`<kernel>_<hash>.py` under $FXREWRITE_CACHE_DIR (default ~/.cache/fx-rewrite/kernels) and
-imported once per process. This module does not import `runtime` (runtime calls it), nor triton
+Kernels are cached as the forward's are (`kernel_cache`): the source is a function of the spec
+text and the launch specialisation (`BwdLaunch`). This module does not import `runtime` (runtime calls it), nor triton
 (the generated modules do).
 """
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import math
 import os
-import sys
-import tempfile
-import threading
-from collections import OrderedDict
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
+from .kernel_cache import CACHE_SIZE, LRU, KernelCache
 from .ir import DTYPES, OPS, TL_DTYPES, compute_dtype, dtype_name, loads, reduce_ndim, region_name, spec_hash, tanh_expr
 
 TEMPLATE_VERSION = "1"
@@ -495,76 +488,17 @@ class _Source:
 
 # ---------------------------------------------------------------- kernel cache
 
-class _LRU:
-    """A thread-safe map keeping its `maxsize` most recently used entries (`runtime.LRU`'s
-    behaviour); `on_evict(key)` runs for each entry pushed out."""
-
-    def __init__(self, maxsize: int, on_evict=None):
-        self.maxsize, self._d, self._lock, self.on_evict = maxsize, OrderedDict(), threading.Lock(), on_evict
-
-    def get(self, key):
-        with self._lock:
-            value = self._d.get(key)
-            if value is not None:
-                self._d.move_to_end(key)
-            return value
-
-    def put(self, key, value):
-        with self._lock:
-            self._d[key] = value
-            self._d.move_to_end(key)
-            while len(self._d) > self.maxsize:
-                old, _ = self._d.popitem(last=False)
-                if self.on_evict is not None:
-                    self.on_evict(old)
-
-
-def _unload(key) -> None:
-    """An evicted kernel's module leaves `sys.modules` too."""
-    sys.modules.pop(_MODULES.pop(key, ""), None)
-
-
-CACHE_SIZE = 256
-_KERNELS = _LRU(CACHE_SIZE, on_evict=_unload)
-_MODULES: dict = {}
-_PLANS = _LRU(CACHE_SIZE)
-
-
-def _cache_dir() -> Path:
-    """The forward's kernel directory (`runtime.cache_dir`): $FXREWRITE_CACHE_DIR or
-    ~/.cache/fx-rewrite/kernels, a temporary directory if that cannot be created."""
-    env = os.environ.get("FXREWRITE_CACHE_DIR")
-    base = Path(env) if env else Path.home() / ".cache" / "fx-rewrite" / "kernels"
-    try:
-        base.mkdir(parents=True, exist_ok=True)
-        return base
-    except OSError:
-        fallback = Path(tempfile.gettempdir()) / "fx-rewrite-kernels"
-        fallback.mkdir(parents=True, exist_ok=True)
-        return fallback
+_KERNELS = KernelCache(CACHE_SIZE)
+_PLANS = LRU(CACHE_SIZE)
 
 
 def get_kernel(spec_text: str, launch: BwdLaunch):
     """The compiled-on-first-launch backward kernel for a region and a launch specialisation."""
     key = spec_hash(spec_text, launch.key())
     fn = _KERNELS.get(key)
-    if fn is not None:
-        return fn
-    spec = loads(spec_text)
-    name, src = kernel_name(spec), generate(spec, launch)
-    path = _cache_dir() / f"{name.strip('_')}_{key}.py"
-    if not path.exists() or path.read_text() != src:
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(src)
-        os.replace(tmp, path)
-    modname = f"fxrewrite_kernels.{path.stem}"
-    mod_spec = importlib.util.spec_from_file_location(modname, path)
-    module = importlib.util.module_from_spec(mod_spec)
-    sys.modules[modname] = module
-    mod_spec.loader.exec_module(module)
-    fn = getattr(module, name)
-    _MODULES[key] = modname
-    _KERNELS.put(key, fn)
+    if fn is None:
+        spec = loads(spec_text)
+        fn = _KERNELS.load(key, kernel_name(spec), generate(spec, launch))
     return fn
 
 
@@ -639,7 +573,7 @@ def _skip(inputs, grads) -> bool:
 
 
 _DTYPE_SET = frozenset(DTYPES.values())
-_UNSUPPORTED = _LRU(CACHE_SIZE)  # spec text -> why it has no generated backward, "" when it has one
+_UNSUPPORTED = LRU(CACHE_SIZE)  # spec text -> why it has no generated backward, "" when it has one
 
 
 def run_backward(spec_text: str, inputs: list[torch.Tensor], grads: list, needs: list[bool], config=None):

@@ -19,7 +19,7 @@ nodes; per-column and scalar input gradients reduced per program, then summed); 
 regions, BatchNorm, rows wider than one block, an op without a derivative rule) the gradient of
 the eager reference, by autograd on a recomputation of the forward.
 
-Kernel cache: the source is a function of (spec text, launch specialisation); its structural
+Kernel cache (`kernel_cache`, shared with the backward kernels): the source is a function of (spec text, launch specialisation); its structural
 hash names a file `<kernel>_<hash>.py` under $FXREWRITE_CACHE_DIR (default
 ~/.cache/fx-rewrite/kernels), written atomically and imported once per process. Triton keeps
 its own cache of the compiled binaries. The in-process kernel and launch-plan caches are LRUs
@@ -28,20 +28,15 @@ of at most CACHE_SIZE entries each: they are keyed by shapes, and a model fed ma
 """
 from __future__ import annotations
 
-import importlib.util
 import math
 import os
-import sys
-import tempfile
-import threading
-from collections import OrderedDict
-from pathlib import Path
 
 import torch
 
 from ..rewrite.effects import declare_pure
 from . import emit
 from .backward import run_backward
+from .kernel_cache import CACHE_SIZE, LRU, KernelCache
 from .ir import DTYPES, compute_dtype, dtype_name, loads, reduce_ndim, spec_hash
 from .reference import fresh_outputs, run_reference
 
@@ -210,73 +205,7 @@ def choose_config(M: int, N: int, ct: str, has_stats: bool):
 
 # ---------------------------------------------------------------- kernel cache
 
-CACHE_SIZE = 256  # entries kept by each in-process cache (kernels, launch plans)
-
-
-class LRU:
-    """A thread-safe map that keeps its `maxsize` most recently used entries (None: absent).
-    `on_evict(key, value)` runs for each entry pushed out."""
-
-    def __init__(self, maxsize: int, on_evict=None):
-        self.maxsize = maxsize
-        self.on_evict = on_evict
-        self._d: OrderedDict = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, key):
-        # no lock on the hit path (every region call takes it): OrderedDict's get and
-        # move_to_end are each atomic under the GIL; an entry evicted in between is a miss
-        value = self._d.get(key)
-        if value is not None:
-            try:
-                self._d.move_to_end(key)
-            except KeyError:
-                pass
-        return value
-
-    def put(self, key, value) -> None:
-        evicted = []
-        with self._lock:
-            self._d[key] = value
-            self._d.move_to_end(key)
-            while len(self._d) > self.maxsize:
-                evicted.append(self._d.popitem(last=False))
-        for old_key, old_value in evicted:
-            if self.on_evict is not None:
-                self.on_evict(old_key, old_value)
-
-    def clear(self) -> None:
-        with self._lock:
-            self._d.clear()
-
-    def values(self) -> list:
-        with self._lock:
-            return list(self._d.values())
-
-    def __len__(self) -> int:
-        return len(self._d)
-
-
-def _unload(key, kernel) -> None:
-    """An evicted kernel's module leaves `sys.modules` too (a model fed many shapes would
-    otherwise keep every kernel it ever built)."""
-    sys.modules.pop(_KERNEL_MODULES.pop(key, ""), None)
-
-
-_KERNEL_MODULES: dict[str, str] = {}  # kernel cache key -> the name of the module it was loaded as
-_KERNELS = LRU(CACHE_SIZE, on_evict=_unload)
-
-
-def cache_dir() -> Path:
-    env = os.environ.get("FXREWRITE_CACHE_DIR")
-    base = Path(env) if env else Path.home() / ".cache" / "fx-rewrite" / "kernels"
-    try:
-        base.mkdir(parents=True, exist_ok=True)
-        return base
-    except OSError:
-        fallback = Path(tempfile.gettempdir()) / "fx-rewrite-kernels"
-        fallback.mkdir(parents=True, exist_ok=True)
-        return fallback
+_KERNELS = KernelCache(CACHE_SIZE)
 
 
 def kernel_source(spec_text: str, launch: emit.Launch) -> tuple[str, str, str]:
@@ -286,24 +215,10 @@ def kernel_source(spec_text: str, launch: emit.Launch) -> tuple[str, str, str]:
 
 
 def get_kernel(spec_text: str, launch: emit.Launch):
-    key = spec_hash(spec_text, launch.key())
-    fn = _KERNELS.get(key)
-    if fn is not None:
-        return fn
-    name, key, src = kernel_source(spec_text, launch)
-    path = cache_dir() / f"{name.strip('_')}_{key}.py"
-    if not path.exists() or path.read_text() != src:
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(src)
-        os.replace(tmp, path)
-    modname = f"fxrewrite_kernels.{path.stem}"
-    mod_spec = importlib.util.spec_from_file_location(modname, path)
-    module = importlib.util.module_from_spec(mod_spec)
-    sys.modules[modname] = module
-    mod_spec.loader.exec_module(module)
-    fn = getattr(module, name)
-    _KERNEL_MODULES[key] = modname
-    _KERNELS.put(key, fn)
+    fn = _KERNELS.get(spec_hash(spec_text, launch.key()))
+    if fn is None:
+        name, key, src = kernel_source(spec_text, launch)
+        fn = _KERNELS.load(key, name, src)
     return fn
 
 
