@@ -32,64 +32,15 @@ import time
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 
 from fxrewrite import calibrate, optimize
 from fxrewrite.rewrite.verify import deviation
 
+# the digits data, the pre-LN transformer, its training loop and accuracy: the swap example's own
+from swap_and_finetune import DigitsTransformer, accuracy, data, train
+
 SEED_TRAIN, SEED_FINETUNE = 0, 1
 SWAPS = {"DyT": ["lift_norms", "norm_to_dyt"], "ELN": ["lift_norms", "norm_to_eln"]}
-
-
-def data():
-    digits = load_digits()
-    x = torch.tensor(digits.data, dtype=torch.float32) / 16.0  # pixels 0..16 -> 0..1
-    y = torch.tensor(digits.target)
-    xtr, xte, ytr, yte = train_test_split(x, y, test_size=0.3, random_state=0, stratify=y)
-    return xtr, ytr, xte, yte
-
-
-class Block(nn.Module):
-    """Pre-LN transformer block: x + attn(LN(x)), then x + mlp(LN(x))."""
-
-    def __init__(self, d, heads):
-        super().__init__()
-        self.heads = heads
-        self.norm1, self.qkv, self.proj = nn.LayerNorm(d), nn.Linear(d, 3 * d), nn.Linear(d, d)
-        self.norm2, self.fc1, self.fc2 = nn.LayerNorm(d), nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
-
-    def forward(self, x):
-        t, d = x.shape[1], x.shape[2]
-        q, k, v = self.qkv(self.norm1(x)).view(-1, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(-1, t, d)
-        x = x + self.proj(a)
-        return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
-
-
-class DigitsTransformer(nn.Module):
-    def __init__(self, d=32, heads=2, depth=3):
-        super().__init__()
-        self.embed = nn.Linear(8, d)
-        self.pos = nn.Parameter(torch.randn(1, 8, d) * 0.1)
-        self.blocks = nn.Sequential(*[Block(d, heads) for _ in range(depth)])
-        self.norm, self.head = nn.LayerNorm(d), nn.Linear(d, 10)
-
-    def forward(self, x):  # x: (batch, 64) -> 8 tokens (image rows) of 8 pixels
-        h = self.embed(x.view(-1, 8, 8)) + self.pos
-        return self.head(self.norm(self.blocks(h)).mean(1))
-
-
-def train(model, x, y, epochs, lr, seed):
-    torch.manual_seed(seed)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    model.train()
-    for _ in range(epochs):
-        for idx in torch.randperm(len(x)).split(64):
-            opt.zero_grad()
-            F.cross_entropy(model(x[idx]), y[idx]).backward()
-            opt.step()
-    return model.eval()
 
 
 def distill(student, teacher, x, steps, lr, seed, batch=64):
@@ -115,12 +66,6 @@ def output_deviation(model, reference, x) -> float:
     return deviation(reference(x), model(x))[1]
 
 
-@torch.no_grad()
-def accuracy(model, x, y):
-    model.eval()
-    return float((model(x).argmax(1) == y).float().mean()) * 100
-
-
 def mean(values):
     values = list(values)
     return sum(values) / len(values)
@@ -139,7 +84,7 @@ def main():
     t0 = time.perf_counter()
     xtr, ytr, xte, yte = data()
     torch.manual_seed(SEED_TRAIN)
-    model = train(DigitsTransformer(), xtr, ytr, epochs=epochs, lr=3e-3, seed=SEED_TRAIN)
+    model = train(DigitsTransformer(depth=3), xtr, ytr, epochs=epochs, lr=3e-3, seed=SEED_TRAIN)
     n_ln = sum(isinstance(m, nn.LayerNorm) for m in model.modules())
     n_params = sum(p.numel() for p in model.parameters())
     print(f"seeds: torch.manual_seed({SEED_TRAIN}) for init and training, {SEED_FINETUNE} for each fine-tune; "
