@@ -32,7 +32,7 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.overrides import TorchFunctionMode
 
-from .passes.swap_common import module_path
+from .passes.swap_common import flat_inputs, module_path
 from .rewrite.activations import PolyReLU, ShiftedReLU, ThresholdReLU
 from .rewrite.capture import as_args
 from .rewrite.nn import GeneralizedSmeLU, SmeLU
@@ -163,16 +163,6 @@ class _Interpreter(fx.Interpreter):
             self.counter.where.pop()
 
 
-def _graph_inputs(gm: fx.GraphModule, args, kwargs) -> list:
-    spec = getattr(gm, "_in_spec", None)
-    if spec is not None:
-        import torch.fx._pytree as fx_pytree
-        return list(fx_pytree.tree_flatten_spec((tuple(args), dict(kwargs)), spec))
-    if kwargs:
-        raise ValueError("keyword inputs for a graph without an input spec")
-    return list(args)
-
-
 def activation_sparsity(model: nn.Module, batches, *, products: bool = True) -> SparsityReport:
     """Per activation layer, the fraction of exact zeros of its output over `batches` (a list of
     model inputs: tensors, tuples of positionals, or dicts of keywords), and with `products`
@@ -215,7 +205,7 @@ def activation_sparsity(model: nn.Module, batches, *, products: bool = True) -> 
                 counter.new_forward()
                 with counter:
                     if graph:
-                        _Interpreter(model, counter).run(*_graph_inputs(model, args, kwargs))
+                        _Interpreter(model, counter).run(*flat_inputs(model, args, kwargs))
                     else:
                         model(*args, **kwargs)
     finally:

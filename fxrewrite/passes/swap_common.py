@@ -120,7 +120,9 @@ def _detach(v):
     return v.detach().clone() if isinstance(v, torch.Tensor) else v
 
 
-def _flat_inputs(gm: fx.GraphModule, args, kwargs) -> list:
+def flat_inputs(gm: fx.GraphModule, args, kwargs) -> list:
+    """The graph's placeholder values for a call with `args`, `kwargs` (through its input spec
+    when torch.export made it)."""
     spec = getattr(gm, "_in_spec", None)
     if spec is not None:
         import torch.fx._pytree as fx_pytree
@@ -141,7 +143,7 @@ def run_recording(gm: fx.GraphModule, wanted: dict[fx.Node, object]):
     rec = _Recorder(gm, wanted)
     try:
         with torch.no_grad(), preserved_state(gm):
-            out = rec.run(*_flat_inputs(gm, clone_inputs(args), clone_inputs(kwargs)))
+            out = rec.run(*flat_inputs(gm, clone_inputs(args), clone_inputs(kwargs)))
     except Exception as e:  # measuring is a report, never a reason to fail the swap
         return None, f"not measured: running the graph failed ({type(e).__name__}: {str(e)[:120]})"
     return pytree.tree_leaves(out), rec.seen

@@ -233,6 +233,38 @@ def _rms_reference(n, w) -> nn.Module:
     return ref.requires_grad_(False)
 
 
+def norm_kind(n: fx.Node) -> str:
+    return "LayerNorm" if n.target is ops.layer_norm else "RMSNorm"
+
+
+def last_dim_norm(rw, n: fx.Node, why_not_joint: str):
+    """(width, weight, bias, the norm as a module) of a LayerNorm/RMSNorm over the last dim, for a
+    swap to an elementwise module; or why not: it normalises several dims jointly (then
+    `why_not_joint` says why the swap needs one), or its weight or bias is computed. weight and
+    bias are None where the norm has none (an RMSNorm never has a bias)."""
+    shape = list(ops.arg(n, "normalized_shape"))
+    if len(shape) != 1:
+        return f"normalises over {len(shape)} dims {shape} jointly; {why_not_joint}"
+    w = _constant(rw, n, "weight")
+    b = _constant(rw, n, "bias") if n.target is ops.layer_norm else None
+    for v in (w, b):
+        if isinstance(v, str):
+            return v
+    ref = _ln_reference(n, w, b) if n.target is ops.layer_norm else _rms_reference(n, w)
+    return shape[0], w, b, ref
+
+
+def with_affine(mod: nn.Module, w, b) -> nn.Module:
+    """`mod` with the replaced norm's weight and bias copied in (those it had: None leaves the
+    new module's own)."""
+    with torch.no_grad():
+        if w is not None:
+            mod.weight.copy_(w)
+        if b is not None:
+            mod.bias.copy_(b)
+    return mod
+
+
 def layernorm_to_rmsnorm(only=None, keep_bias: bool = False) -> Pass:
     """LayerNorm -> torch.nn.RMSNorm with the same weight and eps; drops the mean subtraction and
     (unless keep_bias) the bias, and says so in the report."""
@@ -315,16 +347,11 @@ def norm_to_dyt(alpha: float | str = 0.5, attention_alpha: float | None = None, 
     targets = [{"layer_norm": ops.layer_norm, "rms_norm": ops.rms_norm}[k] for k in norms]
 
     def plan(rw, n):
-        shape = list(ops.arg(n, "normalized_shape"))
-        if len(shape) != 1:
-            return (f"normalises over {len(shape)} dims {shape} jointly; DyT is elementwise with a weight "
-                    f"and bias per channel of the last dim, so it cannot stand in for it")
-        w = _constant(rw, n, "weight")
-        b = _constant(rw, n, "bias") if n.target is ops.layer_norm else None
-        for v in (w, b):
-            if isinstance(v, str):
-                return v
-        width = shape[0]
+        found = last_dim_norm(rw, n, "DyT is elementwise with a weight and bias per channel of the last dim, "
+                                     "so it cannot stand in for it")
+        if isinstance(found, str):
+            return found
+        width, w, b, ref = found
         attn = feeds_attention(n)
         if alpha == "llm":
             a_attn, a_other = llm_alpha(width)
@@ -334,14 +361,8 @@ def norm_to_dyt(alpha: float | str = 0.5, attention_alpha: float | None = None, 
             a0, why = float(attention_alpha), "feeds attention"
         else:
             a0, why = float(alpha), "default" if attention_alpha is None else "does not feed attention"
-        mod = DyT(width, a0, bias=True)
-        with torch.no_grad():
-            if w is not None:
-                mod.weight.copy_(w)
-            if b is not None:
-                mod.bias.copy_(b)
-        kind = "LayerNorm" if n.target is ops.layer_norm else "RMSNorm"
-        ref = _ln_reference(n, w, b) if n.target is ops.layer_norm else _rms_reference(n, w)
+        mod = with_affine(DyT(width, a0, bias=True), w, b)
+        kind = norm_kind(n)
         affine = "" if w is not None or b is not None else f"; the {kind} had no affine parameters: weight 1, bias 0"
         return SwapPlan(mod, f"DyT from {kind}, alpha0={a0:g} ({why}){affine}", reference=ref)
 

@@ -39,7 +39,7 @@ from ..rewrite.nn import ELN, PartialRMSNorm
 from ..rewrite.passmanager import Pass
 
 from .swap_common import nodes_with, run_recording
-from .swaps import SwapPlan, _constant, _input, _ln_reference, _rms_reference, swap_pass
+from .swaps import SwapPlan, _input, last_dim_norm, norm_kind, swap_pass, with_affine
 
 _NORMS = {"layer_norm": ops.layer_norm, "rms_norm": ops.rms_norm}
 
@@ -49,10 +49,6 @@ def _targets(norms, allowed) -> list:
     if bad or not norms:
         raise ValueError(f"norms must be a non-empty subset of {sorted(allowed)}, got {norms!r}")
     return [_NORMS[k] for k in norms]
-
-
-def _kind(n) -> str:
-    return "LayerNorm" if n.target is ops.layer_norm else "RMSNorm"
 
 
 def _input_sigma2(gm, targets) -> dict:
@@ -86,18 +82,13 @@ def norm_to_eln(beta: float | str = "data", only=None, norms=("layer_norm", "rms
         return measured["sigma2"].get(n)
 
     def plan(rw, n):
-        shape = list(ops.arg(n, "normalized_shape"))
-        if len(shape) != 1:
-            return (f"normalises over {len(shape)} dims {shape} jointly; ELN is elementwise with a weight "
-                    f"and bias per channel of the last dim, so it cannot stand in for it")
-        c = shape[0]
+        found = last_dim_norm(rw, n, "ELN is elementwise with a weight and bias per channel of the last dim, "
+                                     "so it cannot stand in for it")
+        if isinstance(found, str):
+            return found
+        c, w, b, ref = found
         if c < 2:
             return f"normalises over {c} channel: ELN's bound sqrt(C - 1) is 0"
-        w = _constant(rw, n, "weight")
-        b = _constant(rw, n, "bias") if n.target is ops.layer_norm else None
-        for v in (w, b):
-            if isinstance(v, str):
-                return v
         if beta == "data":
             s2 = sigma2(rw.gm, n)
             if s2 is not None and s2 > 0:
@@ -106,14 +97,8 @@ def norm_to_eln(beta: float | str = "data", only=None, norms=("layer_norm", "rms
                 b0, why = float(c - 1), "C - 1: no variance measured on example inputs, sigma^2 = 1 assumed"
         else:
             b0, why = float(beta), "given"
-        mod = ELN(c, b0, bias=True)
-        with torch.no_grad():
-            if w is not None:
-                mod.weight.copy_(w)
-            if b is not None:
-                mod.bias.copy_(b)
-        kind = _kind(n)
-        ref = _ln_reference(n, w, b) if n.target is ops.layer_norm else _rms_reference(n, w)
+        mod = with_affine(ELN(c, b0, bias=True), w, b)
+        kind = norm_kind(n)
         affine = "" if w is not None or b is not None else f"; the {kind} had no affine parameters: weight 1, bias 0"
         return SwapPlan(mod, f"ELN from {kind}, beta0={b0:.4g} ({why}){affine}", reference=ref)
 
@@ -127,26 +112,16 @@ def rmsnorm_to_prmsnorm(p: float = 0.0625, only=None, norms=("rms_norm",)) -> Pa
     targets = _targets(norms, _NORMS)
 
     def plan(rw, n):
-        shape = list(ops.arg(n, "normalized_shape"))
-        if len(shape) != 1:
-            return (f"normalises over {len(shape)} dims {shape} jointly; pRMSNorm takes the first channels "
-                    f"of the last dim")
-        w = _constant(rw, n, "weight")
-        b = _constant(rw, n, "bias") if n.target is ops.layer_norm else None
-        for v in (w, b):
-            if isinstance(v, str):
-                return v
-        c = shape[0]
-        mod = PartialRMSNorm(c, p, eps=ops.arg(n, "eps"), elementwise_affine=w is not None)
-        if w is not None:
-            with torch.no_grad():
-                mod.weight.copy_(w)
-        kind = _kind(n)
+        found = last_dim_norm(rw, n, "pRMSNorm takes the first channels of the last dim")
+        if isinstance(found, str):
+            return found
+        c, w, b, ref = found
+        mod = with_affine(PartialRMSNorm(c, p, eps=ops.arg(n, "eps"), elementwise_affine=w is not None), w, None)
+        kind = norm_kind(n)
         dropped = ""
         if n.target is ops.layer_norm:
             dropped = "; dropped: the mean subtraction" + (
                 f" and the bias (max |b| {float(b.abs().max()):.3g})" if b is not None else "")
-        ref = _ln_reference(n, w, b) if n.target is ops.layer_norm else _rms_reference(n, w)
         exact = " (all of them: exact)" if mod.k == c and n.target is ops.rms_norm else ""
         return SwapPlan(mod, f"pRMSNorm from {kind}, RMS from the first {mod.k} of {c} channels "
                              f"(p={p:g}){exact}{dropped}", reference=ref)
