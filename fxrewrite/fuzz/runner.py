@@ -30,15 +30,20 @@ def _work(task):
 
 
 def run(tasks, jobs: int = 2, verify64: bool = True, out=sys.stdout) -> tuple[Coverage, float]:
+    """Run the cases, printing progress; returns the totals and the wall time.
+
+    Kernels run in Triton's interpreter, which TRITON_INTERPRET=1 selects only if it is set before
+    triton is imported; importing fxrewrite imports triton (through torch), so cases run in this
+    process only when it was set from the start, else in spawned workers (one with `jobs=1`)."""
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1" or "triton" not in sys.modules
     os.environ.setdefault("TRITON_INTERPRET", "1")  # kernels on the CPU; workers inherit it
-    """Run the cases, printing progress; returns the totals and the wall time."""
     cov, t0 = Coverage(), time.perf_counter()
     work = [(s, o, verify64) for s, o in tasks]
-    if jobs <= 1:
+    if jobs <= 1 and interpreted:
         results = map(_work, work)
         pool = None
     else:
-        pool = multiprocessing.get_context("spawn").Pool(jobs, maxtasksperchild=MAX_TASKS)
+        pool = multiprocessing.get_context("spawn").Pool(max(jobs, 1), maxtasksperchild=MAX_TASKS)
         results = pool.imap_unordered(_work, work, chunksize=2)
     try:
         for i, (res, drawn) in enumerate(results, 1):
