@@ -35,7 +35,7 @@ import torch
 import torch.fx as fx
 
 from ..rewrite import ops
-from ..rewrite.attrs import fetch_attr
+from ..rewrite.attrs import fetch_attr, storage_id
 from ..rewrite.passmanager import Pass, Rule
 from ..rewrite.pattern import Op, Param
 from ..rewrite.rewriter import Rewriter
@@ -117,7 +117,7 @@ def _tied(gm: fx.GraphModule, storage: dict, reads: dict, wnode: fx.Node, lin: f
     """What else holds or reads the linear's weight: tensors sharing its storage, other readers."""
     target = wnode.target
     t = fetch_attr(gm, target)
-    why = [f"shares its storage with {name}" for name in storage.get(t.data_ptr(), ()) if name != target]
+    why = [f"shares its storage with {name}" for name in storage.get(storage_id(t), ()) if name != target]
     readers = [u for n in reads.get(target, ()) if n.graph is not None for u in n.users if u is not lin]
     if readers:
         why.append(f"is also read by {', '.join(_describe_reader(u) for u in readers)}")
@@ -133,7 +133,7 @@ def fold_norm_affine(rw: Rewriter) -> None:
     storage: dict[int, list[str]] = {}
     for name, t in [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]:
         if t.numel():
-            storage.setdefault(t.data_ptr(), []).append(name)
+            storage.setdefault(storage_id(t), []).append(name)
     reads: dict[str, list[fx.Node]] = {}  # get_attr nodes by target, as the graph was
     for n in gm.graph.nodes:
         if n.op == "get_attr":

@@ -262,10 +262,12 @@ def _run(rw, apply, check=None, why: str = "not a zero-mean residual stream: "):
     if not lns:
         rw.note("model", "nothing to do: no LayerNorm in the graph")
         return
-    outputs, _ = run_recording(gm, {})
+    outputs, why_not = run_recording(gm, {})
     applied = 0
     for stream, mine, bad in _streams(rw, lns, check, why):
         applied += apply(rw, stream, mine, bad)
+    if applied and outputs is None:
+        rw.note("model", f"model output deviation on the example inputs: {why_not}")
     if applied and outputs is not None:
         rw.sweep()
         after, _ = run_recording(gm, {})

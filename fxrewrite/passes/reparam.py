@@ -33,6 +33,7 @@ W' = W . M with M the conv's matrix, computed as the conv's adjoint applied to W
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import operator
 from dataclasses import dataclass, field
@@ -357,11 +358,15 @@ class Plan:
                          for k in dict.fromkeys(kinds))
 
     def evaluate(self, env: dict):
-        """The region's map, from the get_attr tensors in `env` (target -> tensor)."""
-        ident = rm.identity_conv(self.channels) if self.domain == "conv" else rm.identity_linear(self.channels)
-        vals = {-1: ident}
-        for i, st in enumerate(self.steps):
-            vals[i] = _apply(st, [vals[j] for j in st.inputs], env, self.domain, self.rank)
+        """The region's map, from the get_attr tensors in `env` (target -> tensor). The maps it
+        builds itself (identities, pooling kernels, zero biases) are made on the weights' device,
+        so that a plan evaluates on CUDA or meta weights as on CPU ones."""
+        device = next((t.device for t in env.values() if isinstance(t, torch.Tensor)), torch.device("cpu"))
+        with device if device.type != "cpu" else contextlib.nullcontext():  # (a device mode slows every op)
+            ident = rm.identity_conv(self.channels) if self.domain == "conv" else rm.identity_linear(self.channels)
+            vals = {-1: ident}
+            for i, st in enumerate(self.steps):
+                vals[i] = _apply(st, [vals[j] for j in st.inputs], env, self.domain, self.rank)
         return vals[len(self.steps) - 1]
 
 
@@ -550,8 +555,9 @@ def _rewrite(root, x, plan: Plan, merged, ctx: _Context, rw):
     like = next((i for i, s in enumerate(sources) if rw.value(s).dtype == dtype), None)
 
     def weight_of(*tensors):
-        w = memo(*tensors).weight
-        w = w if w is not None else torch.eye(plan.channels, dtype=torch.float64)
+        merged = memo(*tensors)
+        w = merged.weight if merged.weight is not None else torch.eye(plan.channels, dtype=torch.float64,
+                                                                         device=merged.bias.device)
         return w.to(tensors[like].dtype if like is not None else dtype)
 
     def bias_of(*tensors):

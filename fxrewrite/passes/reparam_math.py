@@ -38,6 +38,8 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
+from ..rewrite.values import NEEDS_VALUES, has_values
+
 
 class NotMergeable(Exception):
     """The maps cannot be merged into one op exactly; the message says why."""
@@ -54,6 +56,7 @@ class ConvMap:
     dilation: tuple
     groups: int
     cin: int
+    zero_bias: bool = False  # known zero by construction (no bias, identity, pooling): also on meta
 
     @property
     def cout(self) -> int:
@@ -85,13 +88,13 @@ def conv_map(weight, bias, stride, padding, dilation, groups) -> ConvMap:
     kernel = w.shape[2:]
     # a 1-wide axis reads one pixel whatever its dilation: normalise it to 1
     dil = tuple(1 if k == 1 else d for k, d in zip(kernel, dilation))
-    return ConvMap(w, b, tuple(stride), tuple(padding), dil, int(groups), w.shape[1] * int(groups))
+    return ConvMap(w, b, tuple(stride), tuple(padding), dil, int(groups), w.shape[1] * int(groups), bias is None)
 
 
 def identity_conv(channels: int, padding=(0, 0)) -> ConvMap:
     """x itself (or x zero-padded by `padding`) as a depthwise 1x1 conv."""
     return ConvMap(torch.ones(channels, 1, 1, 1, dtype=torch.float64), torch.zeros(channels, dtype=torch.float64),
-                   (1, 1), tuple(padding), (1, 1), channels, channels)
+                   (1, 1), tuple(padding), (1, 1), channels, channels, zero_bias=True)
 
 
 def avg_pool_conv(channels: int, kernel, stride, padding, divisor=None) -> ConvMap:
@@ -100,7 +103,7 @@ def avg_pool_conv(channels: int, kernel, stride, padding, divisor=None) -> ConvM
     div = divisor if divisor else kh * kw
     w = torch.full((channels, 1, kh, kw), 1.0 / div, dtype=torch.float64)
     return ConvMap(w, torch.zeros(channels, dtype=torch.float64), tuple(stride), tuple(padding), (1, 1),
-                   channels, channels)
+                   channels, channels, zero_bias=True)
 
 
 def regroup(m: ConvMap, groups: int) -> ConvMap:
@@ -122,6 +125,7 @@ def regroup(m: ConvMap, groups: int) -> ConvMap:
 def _is_identity(m: ConvMap) -> bool:
     """Whether m is exactly x -> x (a depthwise 1x1 conv of weight 1, no bias, no padding)."""
     return (m.kernel == (1, 1) and m.groups == m.cin == m.cout and m.stride == (1, 1) and m.padding == (0, 0)
+            and has_values(m.weight, m.bias)  # on meta: unknown, and the general product is the same map
             and bool((m.weight == 1).all()) and not bool(m.bias.ne(0).any()))
 
 
@@ -135,7 +139,7 @@ def affine(m, scale=None, shift=None):
         b = b * scale
     if shift is not None:
         b = b + shift
-    return replace(m, weight=w, bias=b)
+    return replace(m, weight=w, bias=b, zero_bias=m.zero_bias and shift is None)
 
 
 def add_conv(a: ConvMap, b: ConvMap) -> ConvMap:
@@ -175,7 +179,7 @@ def add_conv(a: ConvMap, b: ConvMap) -> ConvMap:
     for m, (th, tw) in ((ra, offsets[0]), (rb, offsets[1])):
         kh, kw = m.kernel
         w[:, :, th:th + kh, tw:tw + kw] += m.weight
-    return ConvMap(w, ra.bias + rb.bias, tuple(S), tuple(P), tuple(D), groups, a.cin)
+    return ConvMap(w, ra.bias + rb.bias, tuple(S), tuple(P), tuple(D), groups, a.cin, a.zero_bias and b.zero_bias)
 
 
 def compose_conv(a: ConvMap, b: ConvMap) -> ConvMap:
@@ -203,7 +207,9 @@ def compose_conv(a: ConvMap, b: ConvMap) -> ConvMap:
         else:
             raise NotMergeable(f"along {name} the first conv has stride {sa} / dilation {da} and the second "
                                f"kernel {kb} / dilation {db}: not one convolution")
-    if needs_zero_bias and bool(a.bias.ne(0).any()):
+    if needs_zero_bias and not a.zero_bias and not has_values(a.bias):
+        raise NotMergeable(f"the second conv zero-pads the first one's output, whose bias must be zero: {NEEDS_VALUES}")
+    if needs_zero_bias and not a.zero_bias and bool(a.bias.ne(0).any()):
         raise NotMergeable("the second conv zero-pads the first one's output, whose bias is not zero: "
                            "the border would differ")
     geometry = dict(stride=tuple(S), padding=tuple(P), dilation=tuple(D))
@@ -231,7 +237,7 @@ def compose_conv(a: ConvMap, b: ConvMap) -> ConvMap:
     bias_in = ra.bias.reshape(groups, 1, mid_g)  # the first map's bias, per group
     taps = rb.weight.sum((2, 3)).reshape(groups, out_g, mid_g)
     bias = rb.bias + (taps * bias_in).sum(-1).reshape(-1)
-    return ConvMap(w, bias, tuple(S), tuple(P), tuple(D), groups, a.cin)
+    return ConvMap(w, bias, tuple(S), tuple(P), tuple(D), groups, a.cin, a.zero_bias and b.zero_bias)
 
 
 def conv_into_linear(conv: ConvMap, in_shape, fc_weight, fc_bias):

@@ -11,3 +11,9 @@ def fetch_attr(module: nn.Module, target: str):
     for part in target.split("."):
         obj = getattr(obj, part)
     return obj
+
+
+def storage_id(t) -> int:
+    """Identifies `t`'s storage: equal for tensors that share memory (tied weights, views), also on
+    the meta device, where every `data_ptr()` is 0."""
+    return t.untyped_storage()._cdata
