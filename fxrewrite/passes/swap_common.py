@@ -23,10 +23,14 @@ from typing import Iterable
 
 import torch
 import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
 import torch.utils._pytree as pytree
 
 from ..rewrite import ops
 from ..rewrite.clone import clone_inputs, preserved_state
+from ..rewrite.effects import observers
+from ..rewrite.values import NEEDS_VALUES, has_values, on_meta
 
 
 # ---------------------------------------------------------------- where an op came from
@@ -140,6 +144,8 @@ def run_recording(gm: fx.GraphModule, wanted: dict[fx.Node, object]):
     if example is None:
         return None, "not measured: the graph carries no example inputs"
     args, kwargs = example
+    if on_meta(gm) or not has_values(*pytree.tree_leaves((args, kwargs))):
+        return None, f"not measured: {NEEDS_VALUES}"
     rec = _Recorder(gm, wanted)
     try:
         with torch.no_grad(), preserved_state(gm):
@@ -160,3 +166,44 @@ def nodes_with(gm: fx.GraphModule, targets: Iterable, other_forms=None) -> list[
     targets = set(targets)
     return [n for n in gm.graph.nodes if (n.op == "call_function" and n.target in targets and n.users)
             or (other_forms is not None and other_forms(n))]
+
+
+# ---------------------------------------------------------------- what a swapped op reads
+
+def swapped_input(n: fx.Node, input_arg: str):
+    """The tensor a swapped op reads: its schema argument if canonical, else its first argument."""
+    if n.op == "call_function" and n.target in ops.CANONICAL:
+        return ops.arg(n, input_arg)
+    return n.args[0] if n.args else n.kwargs.get("input")
+
+
+_INPLACE_RELU_FUNCTIONS = {torch.relu_, torch.ops.aten.relu_.default, F.relu}
+
+
+def kept_inplace_relu(n: fx.Node) -> bool:
+    """A ReLU that canonicalisation kept in place (its input is not a fresh value of the graph,
+    e.g. timm's `drop_block` Identity -> alias -> ReLU(inplace=True))."""
+    if n.op == "call_module":
+        mod = n.graph.owning_module.get_submodule(n.target)
+        return type(mod).forward is nn.ReLU.forward
+    if n.op == "call_method":
+        return n.target in ("relu", "relu_")
+    return n.op == "call_function" and n.target in _INPLACE_RELU_FUNCTIONS
+
+
+def observed_inplace(n: fx.Node) -> str | None:
+    """Why `n`, when it is a ReLU kept in place, may not become an out-of-place module (that
+    would change what someone sees), or None: nothing else may read the value it mutates or a
+    value that may alias it (`effects.observers`), and none of those may be a model input or
+    parameter."""
+    v = swapped_input(n, "self") if kept_inplace_relu(n) else None
+    if not isinstance(v, fx.Node):
+        return None
+    exposed, readers = observers(n, v)
+    why = "an in-place ReLU whose mutation is observed: it works in place on"
+    if readers:
+        return (f"{why} {v.name}, which {len(readers)} other op(s) also read (directly or through a view): "
+                f"{', '.join(r.name for r in readers[:3])}{', ...' if len(readers) > 3 else ''}")
+    if exposed:
+        return f"{why} {exposed[0].op} {exposed[0].target} (a model input or parameter)"
+    return None

@@ -36,16 +36,16 @@ from typing import Callable
 import torch
 import torch.fx as fx
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..rewrite import ops
-from ..rewrite.effects import observers
 from ..rewrite.nn import DyT, GeneralizedSmeLU, SmeLU
 from ..rewrite.passmanager import Pass
 from ..rewrite.shapes import tensor_dtype
+from ..rewrite.values import creating_like, has_values
 from ..rewrite.verify import deviation
 
-from .swap_common import Selector, fmt_dev, module_path, nodes_with, op_name, run_recording
+from .swap_common import (Selector, fmt_dev, kept_inplace_relu, module_path, nodes_with, observed_inplace, op_name,
+                          run_recording, swapped_input)
 
 # ---------------------------------------------------------------- the driver
 
@@ -85,7 +85,8 @@ def swap_pass(name: str, targets, input_arg: str, plan: Callable, suffix: str, o
             if not select(n):
                 rw.skip(n.name, f"not selected by only={select} (op from {module_path(n) or 'no module'})")
                 continue
-            p = plan(rw, n)
+            with creating_like(gm):  # a plan on meta weights makes its modules on meta
+                p = plan(rw, n)
             if isinstance(p, str):
                 rw.skip(n.name, p)
             else:
@@ -93,7 +94,7 @@ def swap_pass(name: str, targets, input_arg: str, plan: Callable, suffix: str, o
         if not plans:
             rw.note("model", f"nothing swapped: none of the {len(nodes)} {kinds} qualified")
             return
-        inputs = {n: _input(n, input_arg) for n in plans}
+        inputs = {n: swapped_input(n, input_arg) for n in plans}
         outputs, seen = run_recording(gm, inputs)
         for n, p in plans.items():
             _to_like(p.module, n)
@@ -116,16 +117,11 @@ def swap_pass(name: str, targets, input_arg: str, plan: Callable, suffix: str, o
         if outputs is not None:
             after, _ = run_recording(gm, {})
             what = fmt_dev(deviation(outputs, after)) if after is not None else _
-            rw.note("model", f"{len(plans)} swapped; model output deviation on the example inputs: {what}")
+        else:
+            what = seen  # why not measured
+        rw.note("model", f"{len(plans)} swapped; model output deviation on the example inputs: {what}")
 
     return Pass(name, "approximate", analysis=analysis, doc=doc)
-
-
-def _input(n: fx.Node, input_arg: str):
-    """The tensor a swapped op reads: its schema argument if canonical, else its first argument."""
-    if n.op == "call_function" and n.target in ops.CANONICAL:
-        return ops.arg(n, input_arg)
-    return n.args[0] if n.args else n.kwargs.get("input")
 
 
 def _to_like(module: nn.Module, node: fx.Node) -> nn.Module:
@@ -151,50 +147,18 @@ def _constant(rw, node: fx.Node, arg: str):
 
 # ---------------------------------------------------------------- ReLU -> SmeLU
 
-_INPLACE_RELU_FUNCTIONS = {torch.relu_, torch.ops.aten.relu_.default, F.relu}
-
-
-def _inplace_relu(n: fx.Node) -> bool:
-    """A ReLU that canonicalisation kept in place (its input is not a fresh value of the graph,
-    e.g. timm's `drop_block` Identity -> alias -> ReLU(inplace=True))."""
-    if n.op == "call_module":
-        mod = n.graph.owning_module.get_submodule(n.target)
-        return type(mod).forward is nn.ReLU.forward
-    if n.op == "call_method":
-        return n.target in ("relu", "relu_")
-    return n.op == "call_function" and n.target in _INPLACE_RELU_FUNCTIONS
-
-
-def _observed_inplace(n: fx.Node) -> str | None:
-    """Why `n`, when it is a ReLU kept in place, may not become an out-of-place module (that
-    would change what someone sees), or None: nothing else may read the value it mutates or a
-    value that may alias it (`effects.observers`), and none of those may be a model input or
-    parameter."""
-    v = _input(n, "self") if _inplace_relu(n) else None
-    if not isinstance(v, fx.Node):
-        return None
-    exposed, readers = observers(n, v)
-    why = "an in-place ReLU whose mutation is observed: it works in place on"
-    if readers:
-        return (f"{why} {v.name}, which {len(readers)} other op(s) also read (directly or through a view): "
-                f"{', '.join(r.name for r in readers[:3])}{', ...' if len(readers) > 3 else ''}")
-    if exposed:
-        return f"{why} {exposed[0].op} {exposed[0].target} (a model input or parameter)"
-    return None
-
-
 def relu_to_smelu(beta: float = 1.0, learnable: bool = False, only=None) -> Pass:
     """ReLU -> SmeLU(beta) (see the module docstring); `only` limits it (type, name, regex)."""
     if not beta > 0:
         raise ValueError(f"SmeLU needs beta > 0, got {beta}")
 
     def plan(rw, n):
-        if why := _observed_inplace(n):
+        if why := observed_inplace(n):
             return why
         return SwapPlan(SmeLU(beta, learnable),
                         f"SmeLU beta={beta:g}: differs by at most {beta / 4:g} on |x| < {beta:g}")
 
-    return swap_pass("relu_to_smelu", [ops.relu], "self", plan, "smelu", only, __doc__, _inplace_relu)
+    return swap_pass("relu_to_smelu", [ops.relu], "self", plan, "smelu", only, __doc__, kept_inplace_relu)
 
 
 def relu_to_generalized_smelu(alpha: float = 1.0, beta: float = 1.0, g_left: float = 0.0, g_right: float = 1.0,
@@ -203,13 +167,13 @@ def relu_to_generalized_smelu(alpha: float = 1.0, beta: float = 1.0, g_left: flo
     GeneralizedSmeLU(alpha, beta, g_left, g_right)  # validate now, not at the first match
 
     def plan(rw, n):
-        if why := _observed_inplace(n):
+        if why := observed_inplace(n):
             return why
         return SwapPlan(GeneralizedSmeLU(alpha, beta, g_left, g_right, learnable),
                         f"GeneralizedSmeLU alpha={alpha:g} beta={beta:g} g_left={g_left:g} g_right={g_right:g}")
 
     return swap_pass("relu_to_generalized_smelu", [ops.relu], "self", plan, "gsmelu", only, __doc__,
-                     _inplace_relu)
+                     kept_inplace_relu)
 
 
 # ---------------------------------------------------------------- LayerNorm -> RMSNorm (plain)
@@ -281,7 +245,7 @@ def layernorm_to_rmsnorm(only=None, keep_bias: bool = False) -> Pass:
                 mod.weight.copy_(w)
         dropped = ["the mean subtraction"]
         if b is not None and not keep_bias:
-            dropped.append(f"the bias (max |b| {float(b.abs().max()):.3g})")
+            dropped.append(f"the bias (max |b| {float(b.abs().max()):.3g})" if has_values(b) else "the bias")
         notes = "" if w is not None else "; the LayerNorm had no weight: RMSNorm without one"
         kept = "; bias kept as an add" if b is not None and keep_bias else ""
         return SwapPlan(mod, f"RMSNorm over {shape}; dropped: {' and '.join(dropped)}{kept}{notes}",

@@ -62,8 +62,9 @@ from ..rewrite.activations import PolyReLU, ShiftedReLU, ThresholdReLU, relative
 from ..rewrite.passmanager import Pass
 from ..rewrite.shapes import tensor_shape
 
-from .swap_common import Selector, module_path, nodes_with, run_recording
-from .swaps import SwapPlan, _inplace_relu, _input, _observed_inplace, swap_pass
+from .swap_common import (Selector, kept_inplace_relu, module_path, nodes_with, observed_inplace, run_recording,
+                          swapped_input)
+from .swaps import SwapPlan, swap_pass
 
 
 def _zeros(t: torch.Tensor) -> float:
@@ -94,7 +95,7 @@ def _measured(name: str, targets, plan, suffix: str, only, doc: str, other_forms
         if lift:
             _lift(rw, select)
         nodes = [n for n in nodes_with(gm, targets, other_forms) if select(n)]
-        wanted = {n: _input(n, "self") for n in nodes}
+        wanted = {n: swapped_input(n, "self") for n in nodes}
         if products:
             wanted.update({m: up for n in nodes for m, up in _gated_products(n)})
         recorded = run_recording(gm, wanted)[1] if nodes else {}
@@ -277,10 +278,10 @@ def relu_to_poly(per_channel: bool = True, channel_dim: int | None = None, min_r
     (module type, name or prefix, regex)."""
 
     def plan(rw, n, recorded):
-        if why := _observed_inplace(n):
+        if why := observed_inplace(n):
             return why
         x = None if isinstance(recorded, str) else recorded[n][0]
-        shape = tuple(x.shape) if x is not None else tensor_shape(n) or tensor_shape(_input(n, "self"))
+        shape = tuple(x.shape) if x is not None else tensor_shape(n) or tensor_shape(swapped_input(n, "self"))
         try:
             channels, dim = _layout(shape, per_channel, channel_dim)
         except IndexError:
@@ -296,7 +297,7 @@ def relu_to_poly(per_channel: bool = True, channel_dim: int | None = None, min_r
         return SwapPlan(mod, f"PolyReLU over {channels} channel(s) ({where}); fit error on the recorded "
                              f"inputs (relative) {err:.4g}; {note}", reference=nn.ReLU())
 
-    return _measured("relu_to_poly", [ops.relu], plan, "poly", only, __doc__, _inplace_relu)
+    return _measured("relu_to_poly", [ops.relu], plan, "poly", only, __doc__, kept_inplace_relu)
 
 
 RELUFICATION = relufy()

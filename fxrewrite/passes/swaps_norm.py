@@ -37,9 +37,10 @@ import torch
 from ..rewrite import ops
 from ..rewrite.nn import ELN, PartialRMSNorm
 from ..rewrite.passmanager import Pass
+from ..rewrite.values import has_values
 
-from .swap_common import nodes_with, run_recording
-from .swaps import SwapPlan, _input, last_dim_norm, norm_kind, swap_pass, with_affine
+from .swap_common import nodes_with, run_recording, swapped_input
+from .swaps import SwapPlan, last_dim_norm, norm_kind, swap_pass, with_affine
 
 _NORMS = {"layer_norm": ops.layer_norm, "rms_norm": ops.rms_norm}
 
@@ -55,7 +56,7 @@ def _input_sigma2(gm, targets) -> dict:
     """{norm node: mean over rows of its statistic + eps} on the example inputs (variance for
     LayerNorm, mean square for RMSNorm); empty when the graph cannot be run."""
     nodes = nodes_with(gm, targets)
-    _, seen = run_recording(gm, {n: _input(n, "input") for n in nodes})
+    _, seen = run_recording(gm, {n: swapped_input(n, "input") for n in nodes})
     if not isinstance(seen, dict):
         return {}
     out = {}
@@ -121,7 +122,8 @@ def rmsnorm_to_prmsnorm(p: float = 0.0625, only=None, norms=("rms_norm",)) -> Pa
         dropped = ""
         if n.target is ops.layer_norm:
             dropped = "; dropped: the mean subtraction" + (
-                f" and the bias (max |b| {float(b.abs().max()):.3g})" if b is not None else "")
+                f" and the bias (max |b| {float(b.abs().max()):.3g})" if has_values(b) and b is not None
+                else " and the bias" if b is not None else "")
         exact = " (all of them: exact)" if mod.k == c and n.target is ops.rms_norm else ""
         return SwapPlan(mod, f"pRMSNorm from {kind}, RMS from the first {mod.k} of {c} channels "
                              f"(p={p:g}){exact}{dropped}", reference=ref)
