@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 
 from .rewrite.capture import as_args, disable_cache, recompile
-from .rewrite.dynamic import batch_of_two, is_token_tensor
+from .rewrite.dynamic import is_token_tensor, sizes_of_two
 from .rewrite.report import Report
 from .rewrite.shapes import row_major_strides
 from .rewrite.verify import VerificationError, VerifyResult, compare, flatten_outputs
@@ -155,7 +155,7 @@ def export_onnx(model: nn.Module, example_inputs, path: str | os.PathLike, opset
     try:
         view = _export_view(model)
         if dynamic:
-            args, kwargs = batch_of_two(view, args, kwargs, dynamic) or (args, kwargs)
+            args, kwargs = (sizes_of_two(view, args, kwargs, dynamic) or (args, kwargs))[:2]
         _export(view, args, kwargs, path, opset, dynamic, external)
     except Exception as e:
         raise OnnxExportError(f"torch.onnx.export failed for {type(model).__name__}: {_summary(e)}") from e

@@ -237,8 +237,10 @@ def test_batch_two_trace_that_rejects_the_example_batch_of_one_is_exported_stati
     model, x = BatchBranch().eval(), torch.randn(1, 4)
     fast = optimize(model, x)
     notes = [r.detail for r in fast.report.records if r.pass_name == "capture"]
-    assert "the batch-2 trace computes another out at the example's batch of 1: exported at batch 1 with " \
-           "static shapes instead" in notes, notes
+    assert "the size-2 trace computes another out at the example's size 1 (input 0 axis 0): exported at the " \
+           "example's sizes, static, instead" in notes, notes
+    axes = [n for n in notes if n.startswith("x [")]
+    assert axes and "size-2 trace differs at size 1" in axes[0] and "dynamic=False" not in axes[0], axes
     with torch.no_grad():
         torch.testing.assert_close(fast(x), model(x))
 

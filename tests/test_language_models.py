@@ -158,11 +158,28 @@ def test_positional_axes_and_the_reason_for_a_specialised_one():
     # an example batch of 1 is traced at batch 2 (export would fix a size of 1): the batch stays dynamic
     model = Untraceable().eval()
     single = optimize(model, (torch.randn(1, 3, 4),))
-    assert any(n.startswith("traced at batch 2") for n in notes(single, "capture"))
+    assert "traced at size 2 on input 0 axis 0 (the example's size 1 repeated): export would fix a size of 1" \
+        in notes(single, "capture")
     assert re.match(r"x \[s\d+, 3, 4\]: dynamic axes 0", next(n for n in notes(single, "capture") if n.startswith("x [")))
     for batch in (1, 5):
         x = torch.randn(batch, 3, 4)
         torch.testing.assert_close(single(x), model(x), rtol=0, atol=0)
+
+
+def test_a_decoder_captured_on_a_single_token_runs_at_any_batch_and_length():
+    """A decode-step example, batch 1 and one token: both axes would be fixed at 1 by export;
+    traced at size 2 on both (checked at 1), the result serves prompts and batches too."""
+    from conftest import tiny_llama
+    torch.manual_seed(0)
+    model = tiny_llama()
+    fast = optimize(model, {"input_ids": torch.randint(0, 100, (1, 1))})
+    assert "traced at size 2 on input_ids axes 0, 1 (the example's size 1 repeated): export would fix a size " \
+           "of 1" in notes(fast, "capture"), notes(fast, "capture")
+    for batch, seq in ((1, 1), (1, 5), (3, 13)):
+        ids = torch.randint(0, 100, (batch, seq))
+        with torch.no_grad():
+            torch.testing.assert_close(fast(input_ids=ids).last_hidden_state, model(input_ids=ids).last_hidden_state,
+                                       rtol=1e-4, atol=1e-5)
 
 
 def test_a_decoder_captured_at_batch_1_runs_at_other_batches():

@@ -21,12 +21,13 @@ import torch.nn as nn
 from torch.fx._lazy_graph_module import _LazyGraphModule
 
 from .clone import clone_inputs, copy_model, preserved_state
-from .dynamic import batch_of_two, dynamic_shapes, guard_sizes, report_axes
+from .dynamic import dynamic_shapes, guard_sizes, report_axes, sizes_of_two
 from .computed_weights import LEGACY_WEIGHT_HOOKS, computation_node, computed_tensors
 from .effects import hooks_of
 from .mode import MODE_MODULES, follow_mode, merge_modes, traced_mode_facts, training_ops
 from .report import Report
 from .shapes import propagate_shapes
+from .values import has_values
 
 
 class _Tracer(fx.Tracer):
@@ -239,29 +240,7 @@ def capture(model: nn.Module, example_inputs, report: Report, dynamic=None, foll
             return gm
     work = copy_model(model)
     disable_cache(work, report)
-    traced = batch_of_two(work, args, kwargs, spec) if spec else None
-    if traced is not None:
-        report.note("capture", "shapes", "traced at batch 2 (the batch-1 examples repeated): export would fix a "
-                    "batch of 1")
-    t_args, t_kwargs = traced or (args, kwargs)
-    try:
-        with _quiet_export():
-            ep = torch.export.export(work, t_args, t_kwargs, strict=False, dynamic_shapes=spec)
-    except Exception as e:
-        _check_model_runs(model, args, kwargs)
-        failures.append(f"torch.export failed: {_first_line(e)}{_user_frame(e)}")
-        raise CaptureError(f"could not capture {type(model).__name__}:\n  " + "\n  ".join(failures)) from None
-    gm = ep.module()
-    if traced is not None and (why := _wrong_at(gm, work, args, kwargs)):
-        # the batch-2 trace rejects the user's own batch of 1 (a guard `batch != 1`), or computes
-        # something else there (code that branches on `batch == 1`, which export's size-1
-        # assumptions let through unguarded): export at that batch, every axis static, rather than
-        # hand back a graph that cannot run it or silently differs on it
-        report.note("capture", "shapes", f"the batch-2 trace {why} at the example's batch of 1: exported at "
-                    "batch 1 with static shapes instead")
-        t_args, t_kwargs, spec = args, kwargs, None
-        with _quiet_export():
-            gm = torch.export.export(work, t_args, t_kwargs, strict=False).module()
+    gm, (t_args, t_kwargs, spec), static_why = _export(model, work, args, kwargs, spec, report, failures)
     ones = size_one_paths(gm, work, args, kwargs) if spec is not None else {}
     both = follow_modes and _both_modes(work, model.training, gm, (t_args, t_kwargs, spec), report)
     if both:
@@ -269,7 +248,7 @@ def capture(model: nn.Module, example_inputs, report: Report, dynamic=None, foll
     gm.training = model.training
     report.note("capture", "model", f"torch.export: {len(gm.graph.nodes)} nodes"
                 + (f" ({failures[0]})" if failures else ""))
-    report_axes(gm, model, t_args, t_kwargs, spec, report)
+    report_axes(gm, model, t_args, t_kwargs, spec, report, static_why)
     if ones:
         # export assumes a dynamic size is never 1 and drops guards like `seq != 1`, and its module
         # does not check input sizes: an axis whose size 1 takes another path in the model gets an
@@ -285,6 +264,38 @@ def capture(model: nn.Module, example_inputs, report: Report, dynamic=None, foll
     follow_mode(gm, {"route": "torch.export", "training": model.training, "ops": training_ops(gm),
                      "both_modes": bool(both)})
     return gm
+
+
+def _export(model, work, args, kwargs, spec, report: Report, failures: list):
+    """torch.export of `work` (a copy of `model`): (its module, the (args, kwargs, dynamic spec)
+    it was traced with, why it has no dynamic axis if so). A dynamic axis of size 1 is traced at
+    size 2 (`sizes_of_two`) and checked at size 1; raises CaptureError when export fails."""
+    traced = sizes_of_two(work, args, kwargs, spec) if spec else None
+    if traced is not None:
+        report.note("capture", "shapes", f"traced at size 2 on {traced[2]} (the example's size 1 repeated): "
+                    "export would fix a size of 1")
+    t_args, t_kwargs = traced[:2] if traced else (args, kwargs)
+    try:
+        with _quiet_export():
+            ep = torch.export.export(work, t_args, t_kwargs, strict=False, dynamic_shapes=spec)
+    except Exception as e:
+        _check_model_runs(model, args, kwargs)
+        failures.append(f"torch.export failed: {_first_line(e)}{_user_frame(e)}")
+        raise CaptureError(f"could not capture {type(model).__name__}:\n  " + "\n  ".join(failures)) from None
+    gm = ep.module()
+    static_why = None if spec is not None else "not asked for: dynamic=False"
+    if traced is not None and (why := _wrong_at(gm, work, args, kwargs)):
+        # the size-2 trace rejects the user's own size of 1 (a guard `batch != 1`), or computes
+        # something else there (code that branches on `batch == 1`, which export's size-1
+        # assumptions let through unguarded): export at that size, every axis static, rather than
+        # hand back a graph that cannot run it or silently differs on it
+        report.note("capture", "shapes", f"the size-2 trace {why} at the example's size 1 ({traced[2]}): "
+                    "exported at the example's sizes, static, instead")
+        t_args, t_kwargs, spec = args, kwargs, None
+        static_why = "the size-2 trace differs at size 1, see above"
+        with _quiet_export():
+            gm = torch.export.export(work, t_args, t_kwargs, strict=False).module()
+    return gm, (t_args, t_kwargs, spec), static_why
 
 
 def _wrong_at(gm: fx.GraphModule, work: nn.Module, args, kwargs) -> str | None:
@@ -308,6 +319,8 @@ def _wrong_at(gm: fx.GraphModule, work: nn.Module, args, kwargs) -> str | None:
         return f"fails ({_first_line(e)})"
     for name, w in want.items():
         g = got.get(name)
+        if g is not None and g.shape == w.shape and not has_values(g, w):  # meta: shapes are all there is
+            continue
         if g is None or g.shape != w.shape or (w.is_floating_point() and not torch.allclose(
                 g, w, rtol=1e-4, atol=1e-5, equal_nan=True)) or (not w.is_floating_point() and not torch.equal(g, w)):
             return f"computes another {name}"

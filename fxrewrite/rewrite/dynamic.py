@@ -118,9 +118,11 @@ def _why_fixed(size: int) -> str:
     return "the model needs that size, or ties it to a static axis of another input"
 
 
-def report_axes(gm: fx.GraphModule, model: nn.Module, args, kwargs, spec, report: Report):
+def report_axes(gm: fx.GraphModule, model: nn.Module, args, kwargs, spec, report: Report,
+                static_why: str | None = None):
     """Which input axes the exported graph keeps dynamic (a symbolic size in the placeholder's
-    metadata) and which it specialised (an int), with why, one note per input."""
+    metadata) and which it specialised (an int), with why, one note per input. `static_why`: why
+    the capture has no dynamic axis at all (`dynamic=False`, or a fallback to a static export)."""
     try:
         named = inspect.signature(model.forward).bind(*args, **kwargs).arguments
     except (TypeError, ValueError):
@@ -139,30 +141,42 @@ def report_axes(gm: fx.GraphModule, model: nn.Module, args, kwargs, spec, report
         parts = [f"dynamic axes {', '.join(dynamic)}" if dynamic else "no dynamic axis"]
         parts += [f"axis {i} specialised to {d}: " + _why_fixed(d) for i, d in fixed]
         if static:
-            parts.append(f"static axes {', '.join(static)} (not asked for: "
-                         + ("dynamic=False)" if spec is None else "dynamic= changes that)"))
+            parts.append(f"static axes {', '.join(static)} ("
+                         + (f"{static_why})" if spec is None else "not asked for: dynamic= changes that)"))
         shape = ", ".join(str(d) for d in sizes)
         report.note("capture", "shapes", f"{node.target} [{shape}]: " + "; ".join(parts))
 
 
-def batch_of_two(model: nn.Module, args, kwargs, spec) -> tuple[tuple, dict] | None:
-    """Examples of batch 1 repeated to batch 2, when `spec` asks for a dynamic batch and the model
-    runs on them (checked on `model`, leaving its buffers and the RNG as they were); else None.
-    export specialises a size of 1, and at batch 1 code like transformers' `if batch !=
-    position_ids.shape[0]` would fix the batch even if it did not; a graph traced at batch 2 with
-    a symbolic batch still runs at batch 1."""
-    inputs = list(args) + list(kwargs.values())
-    specs = list(spec) if isinstance(spec, tuple) else list(spec.values()) if isinstance(spec, dict) else []
-    tensors = [(t, sp) for t, sp in zip(inputs, specs) if isinstance(t, torch.Tensor) and t.dim() > 0]
-    if not tensors or any(t.shape[0] != 1 or not sp or 0 not in sp for t, sp in tensors):
+def sizes_of_two(model: nn.Module, args, kwargs, spec) -> tuple[tuple, dict, str] | None:
+    """The examples with every dynamic axis of size 1 (in `spec`) repeated to size 2, when the
+    model runs on them (checked on `model`, leaving its buffers and the RNG as they were), and
+    which axes those were; else None. export specialises a size of 1 (a batch of 1, a decode
+    step's single token), and at size 1 code like transformers' `if batch !=
+    position_ids.shape[0]` would fix the size even if export did not; a graph traced at size 2
+    with a symbolic size still runs at size 1 (capture checks that it computes the same there)."""
+    inputs = dict(enumerate(args)) | kwargs
+    specs = dict(enumerate(spec)) if isinstance(spec, tuple) else spec if isinstance(spec, dict) else {}
+    ones = {k: [i for i in (specs.get(k) or {}) if isinstance(t, torch.Tensor) and i < t.dim() and t.shape[i] == 1]
+            for k, t in inputs.items() if isinstance(specs.get(k), dict)}
+    ones = {k: axes for k, axes in ones.items() if axes}
+    if not ones:
         return None
 
-    def two(v):
-        return v.repeat(2, *[1] * (v.dim() - 1)) if isinstance(v, torch.Tensor) and v.dim() > 0 else v
-    args2, kwargs2 = tuple(two(a) for a in args), {k: two(v) for k, v in kwargs.items()}
+    def two(k, v):
+        for i in ones.get(k, ()):
+            v = torch.cat([v, v], dim=i)
+        return v
+    args2 = tuple(two(i, a) for i, a in enumerate(args))
+    kwargs2 = {k: two(k, v) for k, v in kwargs.items()}
     try:
         with torch.no_grad(), preserved_state(model):
             model(*args2, **kwargs2)
-    except Exception:  # the model only runs at batch 1: export it there
+    except Exception:  # the model only runs at size 1: export it there
         return None
-    return args2, kwargs2
+    names = "; ".join(f"{_input_name(k)} axes {', '.join(map(str, axes))}" if len(axes) > 1 else
+                      f"{_input_name(k)} axis {axes[0]}" for k, axes in ones.items())
+    return args2, kwargs2, names
+
+
+def _input_name(key) -> str:
+    return f"input {key}" if isinstance(key, int) else key
