@@ -55,7 +55,7 @@ def randomise(m: nn.Module) -> nn.Module:
             if p.is_floating_point():
                 if "var" in name:
                     p.uniform_(0.5, 2.0)
-                elif p.dim() == 0:
+                elif p.numel() == 1:  # a scalar of a formula (DyT alpha, SmeLU beta)
                     p.fill_(0.7)
                 else:
                     p.copy_(torch.randn_like(p) * 0.3 + (1.0 if "weight" in name else 0.0))
@@ -514,6 +514,7 @@ def test_report_lists_regions_and_skips():
     skipped = rep.skipped("lower_triton")
     assert len(done) == 2 == len(fused_calls(fast))
     assert "layer_norm" in done[0].detail and "gelu" in done[0].detail
+    assert done[0].detail.startswith("layer_norm region: ") and done[1].detail.startswith("rms_norm region: ")
     assert "add" in done[1].detail and "rms_norm" in done[1].detail and "sigmoid" in done[1].detail
     for r in done:
         assert "fxrewrite.fused_region kernel _" in r.detail and "_fwd_kernel [spec " in r.detail

@@ -147,7 +147,7 @@ def test_glu_mlp_is_one_region(name, launches):
     assert call.meta["fused_region"]["ops"] == [act, "mul"]  # the down projection stays out
     (rec,) = records(fast.report)
     assert ops_of(rec) == [act, "mul"] and not records(fast.report, "skipped"), fast.report
-    assert f"kernel _{act}_mul_fwd_kernel [spec " in rec.detail
+    assert f"kernel _{act}_mul_fwd_kernel [spec " in rec.detail and rec.detail.startswith("glu region: ")
     spec = ir.loads(call.args[0])
     assert spec["norm"] is None and spec["nodes"][spec["glu"]]["op"] == "mul"
     if act == "gelu":

@@ -25,7 +25,7 @@ from ..rewrite.passmanager import Pass
 from ..rewrite.rewriter import Rewriter
 
 from .emit import kernel_name
-from .ir import dumps, spec_hash
+from .ir import dumps, region_kind, spec_hash
 from .regions import NotFusable, Region, find_regions, grow_regions, is_meta_check, positions
 
 __all__ = ["LOWER_TRITON", "find_regions", "Region", "fused_region_op", "region_call"]
@@ -77,8 +77,8 @@ def _lowering_message(region: Region) -> str:
     """The report line of a lowered region: its nodes and ops, the kernel and spec hash, its outputs."""
     steps = " -> ".join(f"{n.name}:{o}" for n, o in zip(region.nodes, region.ops))
     outs = ", ".join(o.name for o in region.outputs)
-    return (f"{steps} => fxrewrite.fused_region kernel {kernel_name(region.spec)} "
-            f"[spec {spec_hash(dumps(region.spec))}], outputs {outs}")
+    return (f"{region_kind(region.spec)} region: {steps} => fxrewrite.fused_region kernel "
+            f"{kernel_name(region.spec)} [spec {spec_hash(dumps(region.spec))}], outputs {outs}")
 
 
 LOWER_TRITON = Pass("lower_triton", "rounding", analysis=lower_regions, needs=("shapes",), doc=__doc__)

@@ -70,8 +70,10 @@ from dataclasses import dataclass
 
 import torch
 
+from .emit import row_statistics
 from .kernel_cache import CACHE_SIZE, LRU, KernelCache
-from .ir import DTYPES, OPS, TL_DTYPES, compute_dtype, dtype_name, loads, reduce_ndim, region_name, spec_hash, tanh_expr
+from .ir import (DTYPES, OPS, TL_DTYPES, arg_expr, compute_dtype, dtype_name, loads, reduce_ndim, region_name,
+                 spec_hash, tanh_expr)
 
 TEMPLATE_VERSION = "1"
 MAX_SINGLE = {"float32": 8192, "float64": 4096}  # widest row one program holds in registers
@@ -350,13 +352,6 @@ class _Source:
     def _used_inputs(self):
         return sorted({v for n in self.nodes for k, v in _args(n) if k == "in"})
 
-    @staticmethod
-    def _ref(a):
-        if a is None:
-            return None
-        kind, v = a
-        return {"in": f"a{v}", "v": f"v{v}"}.get(kind) or repr(float(v))
-
     def _round(self, ind, name, dtype):
         """Round `name` (compute dtype) to `dtype` in place, as the forward kernel does."""
         if dtype == self.ct:
@@ -408,17 +403,8 @@ class _Source:
         w = self.w
         for j, node in enumerate(self.nodes):
             if j == self.norm and self.stats:
-                x = self._ref(node["args"][0])
-                if self.stats == "mean_rstd":
-                    w(ind, f"mean = tl.sum(tl.where(mask, {x}, 0.0), axis=1) / N")
-                    w(ind, f"xc = tl.where(mask, {x} - mean[:, None], 0.0)")
-                    w(ind, f"rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / N + {self.eps!r})")
-                    w(ind, "mean = mean[:, None]")
-                else:
-                    w(ind, f"xs = tl.where(mask, {x}, 0.0)")
-                    w(ind, f"rstd = 1.0 / tl.sqrt(tl.sum(xs * xs, axis=1) / N + {self.eps!r})")
-                w(ind, "rstd = rstd[:, None]")
-            expr = OPS[node["op"]].triton([self._ref(a) for a in node["args"]], node["attrs"], self.launch.target)
+                row_statistics(w, ind, self.stats, arg_expr(node["args"][0]), self.eps)
+            expr = OPS[node["op"]].triton([arg_expr(a) for a in node["args"]], node["attrs"], self.launch.target)
             w(ind, f"v{j} = ({expr}).to({self.CT})" if node["op"] in ("identity", "cast") else f"v{j} = {expr}")
             self._round(ind, f"v{j}", node["dtype"])
 
@@ -445,7 +431,7 @@ class _Source:
         out = []
         for j in sorted(self.active, reverse=True):
             node = self.nodes[j]
-            args = [self._ref(a) for a in node["args"]]
+            args = [arg_expr(a) for a in node["args"]]
             lines, contrib = RULES[node["op"]](args, node["attrs"], f"v{j}", f"d{j}", f"t{j}_", self.launch.target)
             updates = []
             for k, a in enumerate(node["args"]):
@@ -670,20 +656,7 @@ def _plan(spec_text, inputs, grads, needs, target, config=None):
     n_blocks = -(-M // rows)
     reduces = any(w and c in ("col", "scalar") for w, c in zip(wanted, classes))
     programs = _programs(inputs[0].device, target, n_blocks, reduces, warps, per_sm)
-    # the strides of what the kernel reads are functions of the key's shapes and strides
-    ints, copies = [M, N], []
-    for t, kind in zip(inputs, classes):
-        v = _view(t, kind, domain, n_lead)
-        if kind == "full":
-            ints += [v.stride(0), v.stride(1)]
-        elif kind in ("col", "row"):
-            ints.append(v.stride(0))
-        copies.append(not _is_view(v, t))
-    for g in grads:
-        if g is not None:
-            v = g.reshape(M, N)
-            ints += [v.stride(0), v.stride(1)]
-            copies.append(not _is_view(v, g))
+    ints, copies = _stride_args(inputs, grads, classes, domain, n_lead, M, N)
     outs, finish = [], []
     for i, (t, kind) in enumerate(zip(inputs, classes)):
         if not wanted[i] or launch.alias[i] is not None:
@@ -697,6 +670,26 @@ def _plan(spec_text, inputs, grads, needs, target, config=None):
         finish.append("direct" if direct else kind)
     return _Plan(kernel, (programs,), {"ROWS": rows, "BLOCK_N": block, "num_warps": warps}, tuple(ints),
                  tuple(copies), classes, domain, n_lead, tuple(outs), tuple(finish), launch.alias)
+
+
+def _stride_args(inputs, grads, classes, domain, n_lead, M, N) -> tuple[list, list]:
+    """The kernel's integer arguments, M, N and the strides of what it reads (functions of the
+    key's shapes and strides), and per tensor read whether it must be copied to be read as a
+    view of (M, N)."""
+    ints, copies = [M, N], []
+    for t, kind in zip(inputs, classes):
+        v = _view(t, kind, domain, n_lead)
+        if kind == "full":
+            ints += [v.stride(0), v.stride(1)]
+        elif kind in ("col", "row"):
+            ints.append(v.stride(0))
+        copies.append(not _is_view(v, t))
+    for g in grads:
+        if g is not None:
+            v = g.reshape(M, N)
+            ints += [v.stride(0), v.stride(1)]
+            copies.append(not _is_view(v, g))
+    return ints, copies
 
 
 def _aliases(spec, launch: BwdLaunch, shapes, nd, domain) -> tuple:

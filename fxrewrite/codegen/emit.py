@@ -42,9 +42,25 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .ir import OPS, TL_DTYPES, compute_dtype, region_name
+from .ir import OPS, TL_DTYPES, arg_expr, compute_dtype, region_name
 
 TEMPLATE_VERSION = "2"
+
+
+def row_statistics(w, ind: int, stats: str, x: str, eps: float, mask: str = "mask", count: str = "N"):
+    """Write the single-pass reduction of a whole row held in registers: `mean` and `rstd`
+    (LayerNorm, "mean_rstd") or `rstd` alone (RMS norms, over the `mask`ed `count` columns), each
+    as a column [ROWS, 1]. The forward kernels and the backward's recomputation share it, so both
+    compute the statistics with the same expressions."""
+    if stats == "mean_rstd":
+        w(ind, f"mean = tl.sum(tl.where(mask, {x}, 0.0), axis=1) / N")
+        w(ind, f"xc = tl.where(mask, {x} - mean[:, None], 0.0)")
+        w(ind, f"rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / N + {eps!r})")
+        w(ind, "mean = mean[:, None]")
+    else:
+        w(ind, f"xs = tl.where({mask}, {x}, 0.0)")
+        w(ind, f"rstd = 1.0 / tl.sqrt(tl.sum(xs * xs, axis=1) / {count} + {eps!r})")
+    w(ind, "rstd = rstd[:, None]")
 
 
 @dataclass(frozen=True)
@@ -227,18 +243,10 @@ class _KernelSource:
         else:
             self.w(ind, f"a{i} = tl.load(in{i}).to({CT})")
 
-    @staticmethod
-    def _ref(a):
-        """The expression for a spec argument: an input, a node's value or a literal."""
-        if a is None:
-            return None
-        kind, v = a
-        return {"in": f"a{v}", "v": f"v{v}"}.get(kind) or repr(float(v))
-
     def _compute(self, j: int, ind: int):
         """Node j's value as `v{j}`, rounded to the node's dtype where eager rounds it."""
         node, CT, target = self.nodes[j], self.CT, self.launch.target
-        expr = OPS[node["op"]].triton([self._ref(a) for a in node["args"]], node["attrs"], target)
+        expr = OPS[node["op"]].triton([arg_expr(a) for a in node["args"]], node["attrs"], target)
         self.w(ind, f"v{j} = ({expr}).to({CT})" if node["op"] in ("identity", "cast") else f"v{j} = {expr}")
         if node["dtype"] != self.ct:
             if node["dtype"] == "bfloat16" and target == "interpreter":
@@ -273,16 +281,7 @@ class _KernelSource:
 
     def write_statistics_in_registers(self, ind: int):
         """Single pass: the whole row is loaded, so reduce it directly."""
-        w, x = self.w, self._ref(self.x_arg)
-        if self.stats == "mean_rstd":
-            w(ind, f"mean = tl.sum(tl.where(mask, {x}, 0.0), axis=1) / N")
-            w(ind, f"xc = tl.where(mask, {x} - mean[:, None], 0.0)")
-            w(ind, f"rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / N + {self.eps!r})")
-            w(ind, "mean = mean[:, None]")
-        else:
-            w(ind, f"xs = tl.where({self._stat_mask()}, {x}, 0.0)")
-            w(ind, f"rstd = 1.0 / tl.sqrt(tl.sum(xs * xs, axis=1) / {self._stat_count()} + {self.eps!r})")
-        w(ind, "rstd = rstd[:, None]")
+        row_statistics(self.w, ind, self.stats, arg_expr(self.x_arg), self.eps, self._stat_mask(), self._stat_count())
 
     def _stat_mask(self) -> str:
         """The elements the RMS statistic reads: the row, or for pRMSNorm its first k columns."""
@@ -294,7 +293,7 @@ class _KernelSource:
     def write_statistics_by_chunks(self):
         """Loop mode: accumulate over column chunks, recomputing the prologue in each pass; for
         LayerNorm a sum pass, then a centred sum-of-squares pass (exact variance)."""
-        w, x = self.w, self._ref(self.x_arg)
+        w, x = self.w, arg_expr(self.x_arg)
         w(1, f"acc = tl.zeros([ROWS, BLOCK_N], dtype={self.CT})")
         self.write_prologue(self.open_columns(looped=True))
         if self.stats == "mean_rstd":

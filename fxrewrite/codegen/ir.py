@@ -88,6 +88,15 @@ def _lit(v) -> str:
     return repr(v)
 
 
+def arg_expr(a) -> str | None:
+    """The Triton expression for a node argument of a spec: input i is `a{i}`, node j's value
+    `v{j}`, a literal its float; None stays None (an absent weight or bias)."""
+    if a is None:
+        return None
+    kind, v = a
+    return {"in": f"a{v}", "v": f"v{v}"}.get(kind) or repr(float(v))
+
+
 def tanh_expr(x: str, target: str) -> str:
     """tanh: libdevice on GPU; in the interpreter (no libdevice) sign(x)(1 - e)/(1 + e) with
     e = exp(-2|x|), accurate to a few ulps of 1 in absolute terms."""
@@ -336,6 +345,12 @@ def region_name(spec: dict) -> str:
     parts = [n["op"] for n in spec["nodes"] if n["op"] not in ("identity", "cast")]
     name = "_".join(parts)
     return name[:60].rstrip("_") or "region"
+
+
+def region_kind(spec: dict) -> str:
+    """What a region is built around: its norm's op ("rms_norm", "dyt", ...) or "glu" (a gated
+    product with no norm), the first word of its report line."""
+    return "glu" if spec["norm"] is None else spec["nodes"][spec["norm"]]["op"]
 
 
 def reduce_ndim(spec: dict) -> int:

@@ -225,80 +225,89 @@ def _written_out_dyt(node: fx.Node) -> Described | None:
 def describe_norm(gm: fx.GraphModule, node: fx.Node) -> Described | None:
     """The IR op for a norm node; None if the node is no norm; NotFusable if it cannot be fused."""
     if node.op == "call_module":
-        mod = _module(gm, node)
-        if isinstance(mod, _OTHER_NORMS):
-            what = "in training mode" if mod.training else "not canonicalised to a norm op"
-            raise NotFusable(f"{type(mod).__name__} kept as a module ({what}): no kernel template for it")
-        if _is(mod, ELN):
-            if len(node.args) != 1 or node.kwargs:
-                raise NotFusable("ELN called with extra arguments")
-            bias = Operand(attr=f"{node.target}.bias") if mod.bias is not None else Operand(absent=True)
-            return Described("eln", [Operand(node=node.args[0]), Operand(attr=f"{node.target}.beta"),
-                                     Operand(attr=f"{node.target}.weight"), bias], {"channels": mod.normalized_shape})
-        if _is(mod, PartialRMSNorm):
-            if len(node.args) != 1 or node.kwargs:
-                raise NotFusable("pRMSNorm called with extra arguments")
-            x = node.args[0]
-            dt = dtype_of(x)
-            if dt is None:
-                raise NotFusable("input dtype unknown")
-            # eager's eps when None: RMSNorm's (float32's for half types) over the whole row, else
-            # the input dtype's machine epsilon (`rewrite.nn.partial_rms_norm`)
-            eps = mod.eps if mod.eps is not None else float(torch.finfo(
-                dt if mod.k < mod.normalized_shape or dt == torch.float64 else torch.float32).eps)
-            w = Operand(attr=f"{node.target}.weight") if mod.weight is not None else Operand(absent=True)
-            return Described("prms_norm", [Operand(node=x), w],
-                             {"k": mod.k, "eps": float(eps), "eps_arg": mod.eps, "reduce_ndim": 1})
-        if not _is(mod, DyT):
-            return None
-        if len(node.args) != 1 or node.kwargs:
-            raise NotFusable("DyT called with extra arguments")
-        bias = Operand(attr=f"{node.target}.bias") if mod.bias is not None else Operand(absent=True)
-        return Described("dyt", [Operand(node=node.args[0]), Operand(attr=f"{node.target}.alpha"),
-                                 Operand(attr=f"{node.target}.weight"), bias], {})
+        return _describe_norm_module(_module(gm, node), node)
     if node.op != "call_function":
         return None
     if node.target is ops.tanh:
         return _written_out_dyt(node)
     if node.target is ops.layer_norm or node.target is ops.rms_norm:
-        x = ops_arg(node, "input")
-        shape, nshape = shape_of(x), list(ops.arg(node, "normalized_shape"))
-        if shape is None:
-            raise NotFusable("input shape unknown")
-        if list(shape[len(shape) - len(nshape):]) != nshape or not nshape:
-            raise NotFusable(f"normalized_shape {nshape} is not the trailing dims of {list(shape)}")
-        w = _tensor_or_literal(ops.arg(node, "weight"))
-        attrs = {"reduce_ndim": len(nshape)}
-        if node.target is ops.layer_norm:
-            attrs["eps"] = float(ops.arg(node, "eps"))
-            return Described("layer_norm", [Operand(node=x), w, _tensor_or_literal(ops.arg(node, "bias"))], attrs)
-        eps = ops.arg(node, "eps")
-        dt = dtype_of(x)
-        attrs["eps_arg"] = None if eps is None else float(eps)
-        attrs["eps"] = float(eps) if eps is not None else float(torch.finfo(
-            torch.float64 if dt == torch.float64 else torch.float32).eps)
-        return Described("rms_norm", [Operand(node=x), w], attrs)
+        return _describe_norm_op(node)
     if node.target is ops.batch_norm:
-        if ops.arg(node, "training") is not False:
-            raise NotFusable("batch_norm in training mode (it updates running statistics)")
-        x = ops_arg(node, "input")
-        shape = shape_of(x)
-        if shape is None or len(shape) < 2:
-            raise NotFusable("batch_norm input shape unknown or under 2-D")
-        cv = len(shape) - 2
-        params = []
-        for name in ("weight", "bias", "running_mean", "running_var"):
-            v = ops.arg(node, name)
-            if v is None:
-                if name.startswith("running"):
-                    raise NotFusable("batch_norm without running statistics")
-                params.append(Operand(absent=True))
-            elif isinstance(v, fx.Node):
-                params.append(Operand(node=v, channel_view=cv))
-            else:
-                raise NotFusable(f"batch_norm {name} is not a tensor")
-        return Described("batch_norm", [Operand(node=x)] + params, {"eps": float(ops.arg(node, "eps"))})
+        return _describe_batch_norm(node)
     return None
+
+
+def _describe_norm_module(mod: nn.Module, node: fx.Node) -> Described | None:
+    """DyT, ELN and pRMSNorm, which the swaps insert as modules."""
+    if isinstance(mod, _OTHER_NORMS):
+        what = "in training mode" if mod.training else "not canonicalised to a norm op"
+        raise NotFusable(f"{type(mod).__name__} kept as a module ({what}): no kernel template for it")
+    kind = "ELN" if _is(mod, ELN) else "pRMSNorm" if _is(mod, PartialRMSNorm) else "DyT" if _is(mod, DyT) else None
+    if kind is None:
+        return None
+    if len(node.args) != 1 or node.kwargs:
+        raise NotFusable(f"{kind} called with extra arguments")
+    x = Operand(node=node.args[0])
+    bias = Operand(attr=f"{node.target}.bias") if getattr(mod, "bias", None) is not None else Operand(absent=True)
+    if kind == "ELN":
+        return Described("eln", [x, Operand(attr=f"{node.target}.beta"), Operand(attr=f"{node.target}.weight"), bias],
+                         {"channels": mod.normalized_shape})
+    if kind == "DyT":
+        return Described("dyt", [x, Operand(attr=f"{node.target}.alpha"), Operand(attr=f"{node.target}.weight"),
+                                 bias], {})
+    dt = dtype_of(node.args[0])
+    if dt is None:
+        raise NotFusable("input dtype unknown")
+    # eager's eps when None: RMSNorm's (float32's for half types) over the whole row, else the
+    # input dtype's machine epsilon (`rewrite.nn.partial_rms_norm`)
+    eps = mod.eps if mod.eps is not None else float(torch.finfo(
+        dt if mod.k < mod.normalized_shape or dt == torch.float64 else torch.float32).eps)
+    w = Operand(attr=f"{node.target}.weight") if mod.weight is not None else Operand(absent=True)
+    return Described("prms_norm", [x, w], {"k": mod.k, "eps": float(eps), "eps_arg": mod.eps, "reduce_ndim": 1})
+
+
+def _describe_norm_op(node: fx.Node) -> Described:
+    """aten.layer_norm / aten.rms_norm over the trailing dims."""
+    x = ops_arg(node, "input")
+    shape, nshape = shape_of(x), list(ops.arg(node, "normalized_shape"))
+    if shape is None:
+        raise NotFusable("input shape unknown")
+    if list(shape[len(shape) - len(nshape):]) != nshape or not nshape:
+        raise NotFusable(f"normalized_shape {nshape} is not the trailing dims of {list(shape)}")
+    w = _tensor_or_literal(ops.arg(node, "weight"))
+    attrs = {"reduce_ndim": len(nshape)}
+    if node.target is ops.layer_norm:
+        attrs["eps"] = float(ops.arg(node, "eps"))
+        return Described("layer_norm", [Operand(node=x), w, _tensor_or_literal(ops.arg(node, "bias"))], attrs)
+    eps = ops.arg(node, "eps")
+    dt = dtype_of(x)
+    attrs["eps_arg"] = None if eps is None else float(eps)
+    attrs["eps"] = float(eps) if eps is not None else float(torch.finfo(
+        torch.float64 if dt == torch.float64 else torch.float32).eps)
+    return Described("rms_norm", [Operand(node=x), w], attrs)
+
+
+def _describe_batch_norm(node: fx.Node) -> Described:
+    """Eval-mode aten.batch_norm: per-channel parameters along axis 1."""
+    if ops.arg(node, "training") is not False:
+        raise NotFusable("batch_norm in training mode (it updates running statistics)")
+    x = ops_arg(node, "input")
+    shape = shape_of(x)
+    if shape is None or len(shape) < 2:
+        raise NotFusable("batch_norm input shape unknown or under 2-D")
+    cv = len(shape) - 2
+    params = []
+    for name in ("weight", "bias", "running_mean", "running_var"):
+        v = ops.arg(node, name)
+        if v is None:
+            if name.startswith("running"):
+                raise NotFusable("batch_norm without running statistics")
+            params.append(Operand(absent=True))
+        elif isinstance(v, fx.Node):
+            params.append(Operand(node=v, channel_view=cv))
+        else:
+            raise NotFusable(f"batch_norm {name} is not a tensor")
+    return Described("batch_norm", [Operand(node=x)] + params, {"eps": float(ops.arg(node, "eps"))})
 
 
 # ---------------------------------------------------------------- growing a region
