@@ -70,7 +70,7 @@ def fold_constants(rw: Rewriter) -> None:
                 work += [i for i in root.all_input_nodes if i in const and i.op != "get_attr"]
             continue
         hint = f"{leaves[0].target if leaves else root.name}_folded".replace(".", "_")
-        new = rw.at(root).param(hint, fn, *leaves)
+        new = rw.at(root).param(hint, fn, *leaves, value=result)
         rw.replace(root, new, f"computed once from {', '.join(str(l.target) for l in leaves) or 'literals'} "
                               f"({_ops_summary(nodes)})")
 

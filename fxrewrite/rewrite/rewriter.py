@@ -35,11 +35,14 @@ class Derivation:
     pass_name: str
 
 
+def _row_major(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride() == row_major_strides(t.shape) else t.clone(memory_format=torch.contiguous_format)
+
+
 def _contiguous(fn: Callable) -> Callable:
     """`fn` whose result is made contiguous (the recorded derivation, so replays agree too)."""
     def derive(*values):
-        t = fn(*values)
-        return t if t.stride() == row_major_strides(t.shape) else t.clone(memory_format=torch.contiguous_format)
+        return _row_major(fn(*values))
     derive.__wrapped__ = fn
     return derive
 
@@ -140,8 +143,9 @@ class Rewriter:
         with self.graph.inserting_before(self._anchor):
             return self._track(self.graph.node_copy(node, remap))
 
-    def param(self, hint: str, fn: Callable, *sources) -> fx.Node:
-        """A new constant `fn(*sources)`, where sources are get_attr nodes, None or literals.
+    def param(self, hint: str, fn: Callable, *sources, value: torch.Tensor | None = None) -> fx.Node:
+        """A new constant `fn(*sources)`, where sources are get_attr nodes, None or literals;
+        `value`: that result, when the pass has already computed it (to judge whether to fold).
 
         Registered as a Parameter if any source tensor is one (so it still trains), else a buffer.
         Always contiguous: a weight computed through an einsum or a convolution can come out
@@ -150,7 +154,7 @@ class Rewriter:
         fn = _contiguous(fn)
         values = [self.value(s) for s in sources]
         with torch.no_grad():
-            result = fn(*values)
+            result = fn(*values) if value is None else _row_major(value)
         is_param = any(isinstance(v, nn.Parameter) for v in values)
         name = self._fresh_name(hint)
         if is_param:
