@@ -21,7 +21,7 @@ from .rewrite.verify import VerificationError, verify
 
 def optimize(model: nn.Module, example_inputs, passes=None, check: bool = False,
              rtol: float | None = None, atol: float | None = None, lower: str | None = None,
-             inplace: bool = True, layout: str | None = None, dynamic=None, partial: bool | None = None) -> nn.Module:
+             inplace: bool = True, layout: str | None = None, dynamic=None, partial=None) -> nn.Module:
     """Capture `model`, canonicalise it, apply `passes` and return a new GraphModule.
 
     `model` is never modified. `passes`: pass names, preset names or Pass objects; by default
@@ -43,21 +43,28 @@ def optimize(model: nn.Module, example_inputs, passes=None, check: bool = False,
     in parts by default: a copy of it whose largest capturable submodules are optimized
     (`fxrewrite.partial`), the rest left as it was, and the report says which and why. `True`
     optimizes in parts even a model that captures whole (its module tree stays the user's);
-    `False` raises the `CaptureError` instead.
+    `False` raises the `CaptureError` instead. A module class, a tuple of classes or a predicate
+    `(qualified_name, module) -> bool` optimizes exactly the submodules it names, each on its own
+    (per-block: `partial=LlamaDecoderLayer`), captured with the inputs they receive from
+    `example_inputs` and every axis dynamic, in a copy of the model whose other modules stay as
+    they are; so a block stays one module for `fully_shard(block)` or checkpointing. The report
+    says which were optimized and which were left and why; a ValueError if none matches.
     """
     steps = build_pipeline(passes, lower=lower, inplace=inplace, layout=layout)
 
     def whole(module, inputs, dynamic_axes=dynamic):
         return _optimize_whole(module, inputs, steps, dynamic_axes)
-    if partial:
-        result = optimize_parts(model, example_inputs, whole, Report())
+    exact = not any(p.approximate for p in steps)  # parts of an approximate pipeline are checked by shape
+    if partial is not None and partial is not False:
+        result = optimize_parts(model, example_inputs, whole, Report(), select=None if partial is True else partial,
+                                exact=exact)
     else:
         try:
             result = whole(model, example_inputs)
         except CaptureError as e:
             if partial is False:
                 raise
-            result = optimize_parts(model, example_inputs, whole, Report(), capture_error=e)
+            result = optimize_parts(model, example_inputs, whole, Report(), capture_error=e, exact=exact)
     if check:
         _check(model, result, example_inputs, rtol, atol)
     return result

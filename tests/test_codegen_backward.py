@@ -65,7 +65,7 @@ def randomise(m: nn.Module) -> nn.Module:
     torch.manual_seed(1)
     with torch.no_grad():
         for name, p in m.named_parameters():
-            if p.dim() == 0:
+            if p.numel() == 1:  # a scalar of a formula (DyT alpha, SmeLU beta)
                 p.fill_(0.7)
             else:
                 p.copy_(torch.randn_like(p) * 0.3 + (1.0 if "weight" in name else 0.0))
@@ -298,11 +298,15 @@ def test_only_some_inputs_need_gradients(which):
 
 
 @needs_kernel
-def test_dyt_alpha_and_smelu_beta_gradients():
-    spec, ins = region(DyTSmeLU(33), *_inputs((9, 33), 1))
-    assert [t.dim() for t in ins] == [2, 0, 1, 1, 0]  # x, alpha, weight, bias, beta
+@pytest.mark.parametrize("alpha_shape", [(1,), ()])
+def test_dyt_alpha_and_smelu_beta_gradients(alpha_shape):
+    """DyT's alpha is a (1,) parameter (FSDP2 shards no 0-d one); a hand-written 0-d one works too."""
+    model = DyTSmeLU(33)
+    model.norm.alpha = nn.Parameter(torch.full(alpha_shape, 0.5))
+    spec, ins = region(model, *_inputs((9, 33), 1))
+    assert [t.dim() for t in ins] == [2, len(alpha_shape), 1, 1, 0]  # x, alpha, weight, bias, beta
     got = check(spec, ins)
-    assert got[1].shape == () and got[1].abs().item() > 0  # the scalar alpha's gradient is a sum over all
+    assert got[1].shape == alpha_shape and got[1].abs().item() > 0  # the scalar alpha's gradient: a sum over all
 
 
 @needs_kernel

@@ -76,7 +76,12 @@ def _match(r: fx.Node):
     if len(users) != 1 or not _is(users[0], ops.mul) or _other(users[0], r) is not xf:
         return None
     norm = users[0]
-    return xf, float(add.args[1]), norm, [pw, mean, add, r], shape[-1]
+    d = shape[-1]
+    if isinstance(d, torch.SymInt):  # a capture with the feature axis asked dynamic, which export fixed
+        d = d.node.maybe_as_int()
+        if d is None:
+            return None
+    return xf, float(add.args[1]), norm, [pw, mean, add, r], d
 
 
 

@@ -38,10 +38,13 @@ def dyt(x: torch.Tensor, alpha: torch.Tensor, weight: torch.Tensor, bias: torch.
 
 
 def _scalar(module: nn.Module, name: str, value: float, learnable: bool):
-    t = torch.tensor(float(value))
+    """A scalar of the formula: a learnable one is a parameter of shape (1,), not 0-d, because
+    FSDP2's `fully_shard` cannot shard a 0-d parameter (and the DyT paper's code keeps its alpha
+    so too); a fixed one a 0-d buffer."""
     if learnable:
-        setattr(module, name, nn.Parameter(t))
+        setattr(module, name, nn.Parameter(torch.full((1,), float(value))))
     else:
+        t = torch.tensor(float(value))
         module.register_buffer(name, t)
 
 
@@ -123,7 +126,7 @@ class DyT(nn.Module):
     def __init__(self, normalized_shape: int, alpha_init: float = 0.5, bias: bool = True):
         super().__init__()
         self.normalized_shape = int(normalized_shape)
-        self.alpha = nn.Parameter(torch.tensor(float(alpha_init)))
+        self.alpha = nn.Parameter(torch.full((1,), float(alpha_init)))  # (1,): FSDP2 shards no 0-d parameter
         self.weight = nn.Parameter(torch.ones(self.normalized_shape))
         self.bias = nn.Parameter(torch.zeros(self.normalized_shape)) if bias else None
 
@@ -136,24 +139,10 @@ class DyT(nn.Module):
         minimise E = ||DyT(x) - target|| / ||target|| over alpha > 0 (log grid 1e-3..1e3 plus the
         current alpha, then golden section), each alpha with its least-squares w, b when fitting
         the affine. A layer with fewer than `min_affine_rows` rows gets alpha only."""
-        x, target = _rows(x), _rows(target)
-        with torch.no_grad():
-            w = self.weight.detach().double()
-            b = self.bias.detach().double() if self.bias is not None else None
-            a0 = float(self.alpha.detach())
-            affine = fit_affine and x.shape[0] >= min_affine_rows
-            note = "" if affine or not fit_affine else \
-                f"alpha only: {x.shape[0]} rows < min_affine_rows={min_affine_rows} for a per-channel w, b"
-            grid = torch.logspace(-3, 3, 73, dtype=torch.float64).tolist()
-            if a0 > 0:
-                grid.append(a0)
-            alpha, w_new, b_new = fit_scalar(lambda a: torch.tanh(a * x), target, w, b, affine, grid)
-            self.alpha.fill_(alpha)
-            if affine:
-                self.weight.copy_(w_new)
-                if self.bias is not None:
-                    self.bias.copy_(b_new)
-        return note
+        def grid(a0):
+            return torch.logspace(-3, 3, 73, dtype=torch.float64).tolist() + ([a0] if a0 > 0 else [])
+        return fit_squashing(self, "alpha", lambda a, x: torch.tanh(a * x), grid, x, target, fit_affine,
+                             min_affine_rows)
 
     def extra_repr(self):
         return f"{self.normalized_shape}, alpha={float(self.alpha.detach()):.3g}, bias={self.bias is not None}"
@@ -204,7 +193,7 @@ class ELN(nn.Module):
         beta_init = float(self.normalized_shape - 1) if beta_init is None else float(beta_init)
         if not beta_init > 0:
             raise ValueError(f"ELN needs beta > 0, got {beta_init}")
-        self.beta = nn.Parameter(torch.tensor(beta_init))
+        self.beta = nn.Parameter(torch.full((1,), beta_init))  # (1,): FSDP2 shards no 0-d parameter
         self.weight = nn.Parameter(torch.ones(self.normalized_shape))
         self.bias = nn.Parameter(torch.zeros(self.normalized_shape)) if bias else None
 
@@ -217,23 +206,12 @@ class ELN(nn.Module):
         minimise E = ||ELN(x) - target|| / ||target|| over beta > 0 (log grid over 1e-6..1e6 times
         the current beta, then golden section), each beta with its least-squares w, b when
         fitting the affine. A layer with fewer than `min_affine_rows` rows gets beta only."""
-        x, target = _rows(x), _rows(target)
-        with torch.no_grad():
-            w = self.weight.detach().double()
-            b = self.bias.detach().double() if self.bias is not None else None
-            b0 = float(self.beta.detach())
-            affine = fit_affine and x.shape[0] >= min_affine_rows
-            note = "" if affine or not fit_affine else \
-                f"beta only: {x.shape[0]} rows < min_affine_rows={min_affine_rows} for a per-channel w, b"
-            grid = (b0 * torch.logspace(-6, 6, 145, dtype=torch.float64)).tolist() + [b0]
-            scale = math.sqrt(self.normalized_shape - 1)
-            beta, w_new, b_new = fit_scalar(lambda be: scale * x * torch.rsqrt(be + x * x), target, w, b, affine, grid)
-            self.beta.fill_(beta)
-            if affine:
-                self.weight.copy_(w_new)
-                if self.bias is not None:
-                    self.bias.copy_(b_new)
-        return note
+        scale = math.sqrt(self.normalized_shape - 1)
+
+        def grid(b0):
+            return (b0 * torch.logspace(-6, 6, 145, dtype=torch.float64)).tolist() + [b0]
+        return fit_squashing(self, "beta", lambda be, x: scale * x * torch.rsqrt(be + x * x), grid, x, target,
+                             fit_affine, min_affine_rows)
 
     def extra_repr(self):
         return f"{self.normalized_shape}, beta={float(self.beta.detach()):.4g}, bias={self.bias is not None}"
@@ -317,6 +295,29 @@ def _affine_lsq(z: torch.Tensor, t: torch.Tensor):
     var = ((z - zm) ** 2).mean(0)
     w = torch.where(var > 1e-30, ((z - zm) * (t - tm)).mean(0) / var.clamp_min(1e-30), torch.zeros_like(var))
     return w, tm - w * zm
+
+
+def fit_squashing(mod: nn.Module, name: str, shape, grid, x: torch.Tensor, target: torch.Tensor,
+                  fit_affine: bool, min_affine_rows: int) -> str:
+    """Fit the scalar parameter `name` of an elementwise norm stand-in (DyT's alpha, ELN's beta)
+    whose output is `shape(s, x) * weight + bias`, over `grid(current value)` (`fit_scalar`),
+    and with `fit_affine` its per-channel weight and bias too, when there are `min_affine_rows`
+    rows to fit them on. In place; returns a note when the affine was asked for but not fitted."""
+    x, target = _rows(x), _rows(target)
+    with torch.no_grad():
+        w = mod.weight.detach().double()
+        b = mod.bias.detach().double() if mod.bias is not None else None
+        scalar = getattr(mod, name)
+        affine = fit_affine and x.shape[0] >= min_affine_rows
+        note = "" if affine or not fit_affine else \
+            f"{name} only: {x.shape[0]} rows < min_affine_rows={min_affine_rows} for a per-channel w, b"
+        s, w_new, b_new = fit_scalar(lambda v: shape(v, x), target, w, b, affine, grid(float(scalar.detach())))
+        scalar.fill_(s)
+        if affine:
+            mod.weight.copy_(w_new)
+            if mod.bias is not None:
+                mod.bias.copy_(b_new)
+    return note
 
 
 def fit_scalar(shape, t: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, affine: bool, grid: list[float]):
