@@ -14,6 +14,8 @@ Failure classes (a case may have several; the shrinker keeps one):
     nondeterministic     optimize twice on the same model gave different code
     not_idempotent       optimize(fast) differs from fast (or crashes: not_idempotent:<Type>)
     verify64             fxrewrite.rewrite.verify(float64=True) (derivations replayed on float64 weights) fails
+    meta_plan            optimize on the model built on the meta device gives other code or derivations, or,
+                         given the optimised model's tensors, other outputs (option "default" only)
 Documented errors (CaptureError, VerificationError, TypeError, ValueError, KeyError) are not
 failures: the case is `rejected` with the reason, and the summary counts them.
 """
@@ -28,6 +30,7 @@ import torch
 
 from .blocks import GrammarError
 from .checks import compare_outputs, model_changes, same_tensor, snapshot
+from fxrewrite.rewrite.verify import flatten_outputs
 from .grammar import generate
 from .model import build_model, check_runs, make_inputs
 
@@ -109,6 +112,8 @@ def _check(program: dict, option: str, verify64: bool, res: CaseResult):
         _idempotence(fast, program, expected, option, res)
         if verify64 and option != "triton":  # lowered kernels round: 'rounding', not 'exact'
             _verify64(model, fast, program, res)
+        if option == "default":
+            _meta_plan(program, fast, res)
 
 
 def _expected(program: dict, stream: str):
@@ -212,3 +217,35 @@ def _verify64(model, fast, program: dict, res: CaseResult):
         return
     if not result.passed:
         res.fail("verify64", str(result).replace("\n", " "))
+
+
+def _meta_plan(program: dict, fast, res: CaseResult):
+    """The same model built on the meta device plans the same rewrite: the same code (the devices
+    written into the graph aside) and derivations; with `fast`'s tensors put in, the same outputs."""
+    from fxrewrite import optimize
+    from fxrewrite.rewrite.devices import retarget_graph
+    with torch.device("meta"):
+        meta_model = build_model(program)
+    try:
+        plan = optimize(meta_model, make_inputs(program, "example").to("meta"))
+    except Exception as e:  # noqa: BLE001 - the materialised model optimised: so must its plan
+        res.fail(f"meta_plan:{type(e).__name__}", _line(e))
+        return
+    if retarget_graph(plan.graph, torch.device("cpu")):
+        plan.recompile()
+    if plan.code != fast.code:
+        diff = next((a, b) for a, b in zip(plan.code.splitlines() + [""], fast.code.splitlines() + [""]) if a != b)
+        res.fail("meta_plan", f"other code: {diff[0].strip()[:140]!r} vs {diff[1].strip()[:140]!r}")
+        return
+    if [(d.target, d.sources) for d in plan.derivations] != [(d.target, d.sources) for d in fast.derivations]:
+        res.fail("meta_plan", "other derivations")
+        return
+    for name, t in [*fast.named_parameters(), *fast.named_buffers()]:
+        owner, _, leaf = name.rpartition(".")
+        module = plan.get_submodule(owner)
+        (module._parameters if leaf in module._parameters else module._buffers)[leaf] = t
+    x = make_inputs(program, "fresh")
+    with torch.no_grad():
+        got, want = flatten_outputs(plan(x.clone())), flatten_outputs(fast(x.clone()))
+    if got.keys() != want.keys() or not all(same_tensor(got[k], want[k]) for k in want):
+        res.fail("meta_plan", "the plan given the optimised model's tensors computes other outputs")

@@ -84,7 +84,7 @@ def _fmt(t):
 
 def conv_map(weight, bias, stride, padding, dilation, groups) -> ConvMap:
     w = weight.double()
-    b = bias.double() if bias is not None else torch.zeros(w.shape[0], dtype=torch.float64)
+    b = bias.double() if bias is not None else torch.zeros(w.shape[0], dtype=torch.float64, device=w.device)
     kernel = w.shape[2:]
     # a 1-wide axis reads one pixel whatever its dilation: normalise it to 1
     dil = tuple(1 if k == 1 else d for k, d in zip(kernel, dilation))
@@ -116,9 +116,9 @@ def regroup(m: ConvMap, groups: int) -> ConvMap:
     r = m.groups // groups
     cin_g = m.cin // m.groups
     out_per_group = m.cout // m.groups
-    w = torch.zeros(m.cout, r, cin_g, *m.kernel, dtype=m.weight.dtype)
-    sub = (torch.arange(m.cout) // out_per_group) % r  # which slice of the wider group each output reads
-    w[torch.arange(m.cout), sub] = m.weight
+    w = torch.zeros(m.cout, r, cin_g, *m.kernel, dtype=m.weight.dtype, device=m.weight.device)
+    sub = (torch.arange(m.cout, device=w.device) // out_per_group) % r  # which slice of the wider group each output reads
+    w[torch.arange(m.cout, device=w.device), sub] = m.weight
     return replace(m, weight=w.reshape(m.cout, r * cin_g, *m.kernel), groups=groups)
 
 
@@ -175,7 +175,7 @@ def add_conv(a: ConvMap, b: ConvMap) -> ConvMap:
         K.append(k), P.append(p), D.append(d), S.append(a.stride[axis])
     groups = math.gcd(a.groups, b.groups)
     ra, rb = regroup(a, groups), regroup(b, groups)
-    w = torch.zeros(a.cout, a.cin // groups, *K, dtype=torch.float64)
+    w = torch.zeros(a.cout, a.cin // groups, *K, dtype=torch.float64, device=a.weight.device)
     for m, (th, tw) in ((ra, offsets[0]), (rb, offsets[1])):
         kh, kw = m.kernel
         w[:, :, th:th + kh, tw:tw + kw] += m.weight
@@ -250,12 +250,12 @@ def conv_into_linear(conv: ConvMap, in_shape, fc_weight, fc_bias):
     d = fc_weight.shape[0]
     wt = conv.weight
     with torch.no_grad():
-        out0 = F.conv2d(torch.zeros(1, c, h, w, dtype=torch.float64), wt, conv.bias, conv.stride, conv.padding,
+        out0 = F.conv2d(torch.zeros(1, c, h, w, dtype=torch.float64, device=wt.device), wt, conv.bias, conv.stride, conv.padding,
                         conv.dilation, conv.groups)
         grad_out = fc_weight.double().reshape(d, *out0.shape[1:])
         w_new = torch.nn.grad.conv2d_input((d, c, h, w), wt, grad_out, conv.stride, conv.padding,
                                            conv.dilation, conv.groups)
-    b = fc_bias.double() if fc_bias is not None else torch.zeros(d, dtype=torch.float64)
+    b = fc_bias.double() if fc_bias is not None else torch.zeros(d, dtype=torch.float64, device=wt.device)
     return w_new.reshape(d, -1), b + fc_weight.double() @ out0.reshape(-1)
 
 
@@ -272,7 +272,7 @@ class LinearMap:
         return self.cin if self.weight is None else self.weight.shape[0]
 
     def dense(self) -> torch.Tensor:
-        return torch.eye(self.cin, dtype=torch.float64) if self.weight is None else self.weight
+        return torch.eye(self.cin, dtype=torch.float64, device=self.bias.device) if self.weight is None else self.weight
 
     def affine(self, scale=None, shift=None) -> "LinearMap":
         w, b = self.weight, self.bias
@@ -292,7 +292,7 @@ class LinearMap:
 
 def linear_map(weight, bias) -> LinearMap:
     w = weight.double()
-    b = bias.double() if bias is not None else torch.zeros(w.shape[0], dtype=torch.float64)
+    b = bias.double() if bias is not None else torch.zeros(w.shape[0], dtype=torch.float64, device=w.device)
     return LinearMap(w, b, w.shape[1])
 
 
@@ -304,7 +304,8 @@ def add_linear(a: LinearMap, b: LinearMap) -> LinearMap:
     if a.cin != b.cin or a.cout != b.cout:
         raise NotMergeable(f"feature counts differ ({a.cin}->{a.cout} vs {b.cin}->{b.cout})")
     if a.weight is None and b.weight is None:
-        return identity_linear(a.cin).affine(torch.full((a.cin,), 2.0, dtype=torch.float64), a.bias + b.bias)
+        return identity_linear(a.cin).affine(torch.full((a.cin,), 2.0, dtype=torch.float64, device=a.bias.device),
+                                             a.bias + b.bias)
     return LinearMap(a.dense() + b.dense(), a.bias + b.bias, a.cin)
 
 
