@@ -17,6 +17,13 @@ Exit status: 0 on success; 1 when `--check` is given and the optimized model or 
 differs from the original beyond tolerance; 2, with a one-line message and no traceback, for
 bad input (factory path, shape, pass name) or a model that cannot be run or captured.
 Progress lines for the long steps go to stderr; results go to stdout.
+
+`python -m fxrewrite rewrite-checkpoint PACKAGE.MODULE:FACTORY SRC_DIR OUT_DIR --tokens 32000
+--input-shape 2,8 --passes quantize_prep` rewrites a safetensors checkpoint too large for memory:
+FACTORY is called under the meta device, the plan made there, and the checkpoint's tensors read
+and written a few at a time (`fxrewrite.checkpoint`); load the result with
+`fxrewrite.checkpoint.load_rewritten`. Same inputs and exit statuses (a checkpoint lacking
+tensors the plan needs is bad input: 2).
 """
 from __future__ import annotations
 
@@ -218,13 +225,28 @@ def _parser() -> argparse.ArgumentParser:
     o.add_argument("--seed", type=int, default=0, help="seed for weights' factory and inputs (default 0)")
     o.add_argument("--verbose", action="store_true", help="let torch's own log output (torch.export, the ONNX "
                    "exporter) through")
+    r = sub.add_parser("rewrite-checkpoint", help="rewrite a (sharded) safetensors checkpoint shard by shard, "
+                       "planning on the meta device: for models too large for memory")
+    r.add_argument("factory", help="PACKAGE.MODULE:FACTORY, called with no arguments under the meta device; it "
+                   "returns the model, or (model, example_inputs)")
+    r.add_argument("src_dir", help="the checkpoint: model-0000i-of-0000n.safetensors shards and "
+                   "model.safetensors.index.json, or one model.safetensors (only read)")
+    r.add_argument("out_dir", help="where the rewritten shards, index and fxrewrite_manifest.json go")
+    r.add_argument("--input-shape", action="append", metavar="N,C,H,W",
+                   help="shape of an example input (token ids with --tokens); repeat for several inputs; required "
+                   "unless FACTORY returns example inputs")
+    r.add_argument("--tokens", type=int, metavar="VOCAB", help="the inputs are token ids (int64), e.g. "
+                   "--tokens 32000 --input-shape 2,8 (batch, sequence)")
+    r.add_argument("--passes", help="comma-separated pass or preset names (default: the exact passes)")
+    r.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    r.add_argument("--verbose", action="store_true", help="let torch's own log output (torch.export) through")
     return p
 
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return _optimize(args)
+        return _rewrite_checkpoint(args) if args.command == "rewrite-checkpoint" else _optimize(args)
     except UsageError as e:
         print(f"fxrewrite: error: {e}", file=sys.stderr)
         return 2
@@ -245,6 +267,25 @@ def _input_specs(args) -> list | None:
     return [InputSpec(s, torch.int64, 0, args.tokens) for s in shapes]
 
 
+def _quiet_and_passes(args) -> list[str] | None:
+    """Keep torch's own logs out of the way unless --verbose (its warnings while tracing a model
+    that cannot be captured would bury the one-line error this command promises), and the pass
+    names of --passes, checked now (a typo is bad input, not a failure after the long steps)."""
+    import torch
+
+    from . import passes as catalogue
+    from .rewrite import capture
+    capture.QUIET_EXPORT = not args.verbose
+    if not args.verbose:
+        torch._logging.set_logs(all=logging.ERROR)
+    pass_names = [s.strip() for s in args.passes.split(",") if s.strip()] if args.passes else None
+    try:
+        catalogue.resolve(pass_names or [])
+    except KeyError as e:
+        raise UsageError(e.args[0]) from None
+    return pass_names
+
+
 def _optimize(args) -> int:
     specs = _input_specs(args)
     factory = load_factory(args.factory)
@@ -254,22 +295,7 @@ def _optimize(args) -> int:
         if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
             raise UsageError(f"{flag} {path}: directory {os.path.dirname(os.path.abspath(path))!r} does not exist")
     import torch
-
-    from . import passes as catalogue
-
-    from .rewrite import capture
-    capture.QUIET_EXPORT = not args.verbose
-    if not args.verbose:
-        # torch's own warnings while tracing a model that cannot be captured would bury the one-line
-        # error this command promises; the capture failure itself is reported below
-        torch._logging.set_logs(all=logging.ERROR)
-
-    pass_names = [s.strip() for s in args.passes.split(",") if s.strip()] if args.passes else None
-    try:
-        catalogue.resolve(pass_names or [])
-    except KeyError as e:
-        raise UsageError(e.args[0]) from None
-
+    pass_names = _quiet_and_passes(args)
     torch.manual_seed(args.seed)
     model, inputs, specs = _build(args.factory, factory, specs)
     fast = _optimized(model, inputs, pass_names, args)
@@ -284,6 +310,45 @@ def _optimize(args) -> int:
     if args.check and not ok:
         print("fxrewrite: check failed: a result is past tolerance", file=sys.stderr)
         return 1
+    return 0
+
+
+def _rewrite_checkpoint(args) -> int:
+    """`rewrite-checkpoint`: `fxrewrite.checkpoint.rewrite_checkpoint`, with the inputs the
+    command line gives (only their shapes and dtypes matter), and a summary on stdout."""
+    specs = _input_specs(args)
+    factory = load_factory(args.factory)
+    if not os.path.isdir(args.src_dir):
+        raise UsageError(f"source checkpoint directory {args.src_dir} does not exist")
+    from .checkpoint import CheckpointError, rewrite_checkpoint
+    from .rewrite.capture import CaptureError, InputError
+    pass_names = _quiet_and_passes(args)
+
+    def build():  # a failing factory is the user's input: one line, not a traceback
+        try:
+            built = factory()
+        except Exception as e:
+            raise UsageError(f"calling {args.factory}() failed: {_one_line(e)}") from None
+        _, examples = _model_and_examples(args.factory, built)
+        if specs is None and examples is None:
+            raise UsageError(f"--input-shape is required: {args.factory}() returned no example inputs "
+                             "(it may return (model, example_inputs))")
+        return built
+    inputs = None if specs is None else _draw(specs)
+    start = time.perf_counter()
+    try:
+        manifest = rewrite_checkpoint(build, inputs, args.src_dir, args.out_dir, passes=pass_names,
+                                      progress=not args.no_progress)
+    except (CheckpointError, CaptureError, InputError) as e:
+        raise UsageError(_one_line(e)) from None
+    keys = sum(len(k) for k in manifest["shards"].values())
+    by_pass: dict[str, int] = {}
+    for d in manifest["derivations"]:
+        by_pass[d["pass_name"]] = by_pass.get(d["pass_name"], 0) + 1
+    derived = ", ".join(f"{n} by {p}" for p, n in by_pass.items()) or "none"
+    print(f"wrote {keys} tensors in {len(manifest['shards'])} shard(s) to {args.out_dir} "
+          f"in {time.perf_counter() - start:.1f} s; derived tensors: {derived}; "
+          f"{len(manifest['sources_read'])} source tensors read")
     return 0
 
 

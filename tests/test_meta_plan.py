@@ -55,8 +55,9 @@ def _ops(gm):
 def _materialise(plan, real):
     """The plan with the optimized model's tensors put in (parameters, persistent and
     non-persistent buffers), moved to the CPU."""
-    tensors = dict(real.named_parameters()) | dict(real.named_buffers())
-    assert set(tensors) == set(dict(plan.named_parameters()) | dict(plan.named_buffers()))
+    tensors = dict(real.named_parameters(remove_duplicate=False)) | dict(real.named_buffers(remove_duplicate=False))
+    assert set(tensors) == set(dict(plan.named_parameters(remove_duplicate=False))
+                               | dict(plan.named_buffers(remove_duplicate=False)))
     for name, t in tensors.items():
         owner, _, leaf = name.rpartition(".")
         module = plan.get_submodule(owner)

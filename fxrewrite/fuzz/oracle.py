@@ -240,7 +240,7 @@ def _meta_plan(program: dict, fast, res: CaseResult):
     if [(d.target, d.sources) for d in plan.derivations] != [(d.target, d.sources) for d in fast.derivations]:
         res.fail("meta_plan", "other derivations")
         return
-    for name, t in [*fast.named_parameters(), *fast.named_buffers()]:
+    for name, t in [*fast.named_parameters(remove_duplicate=False), *fast.named_buffers(remove_duplicate=False)]:
         owner, _, leaf = name.rpartition(".")
         module = plan.get_submodule(owner)
         (module._parameters if leaf in module._parameters else module._buffers)[leaf] = t

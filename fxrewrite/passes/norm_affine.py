@@ -48,8 +48,10 @@ _NORMS = (ops.layer_norm, ops.rms_norm)
 # ================================================================ fold_norm_affine: the math
 
 def fold_linear_weight(w, g):
-    """W' = W * g, g scaling W's input columns (computed in float64, cast back to W's dtype)."""
-    return (w.double() * g.double()).to(w.dtype)
+    """W' = W * g, g scaling W's input columns (computed in float64, cast back to W's dtype; in
+    place on the float64 copy, so that rewriting a checkpoint holds one float64 copy of the
+    largest weight, not two)."""
+    return w.to(torch.float64, copy=True).mul_(g.double()).to(w.dtype)  # a copy even when w is float64
 
 
 def fold_linear_bias(w, b, c):
