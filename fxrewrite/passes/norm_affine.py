@@ -47,11 +47,20 @@ _NORMS = (ops.layer_norm, ops.rms_norm)
 
 # ================================================================ fold_norm_affine: the math
 
+_CHUNK_BYTES = 32 << 20  # of float64 products at a time
+
+
 def fold_linear_weight(w, g):
-    """W' = W * g, g scaling W's input columns (computed in float64, cast back to W's dtype; in
-    place on the float64 copy, so that rewriting a checkpoint holds one float64 copy of the
-    largest weight, not two)."""
-    return w.to(torch.float64, copy=True).mul_(g.double()).to(w.dtype)  # a copy even when w is float64
+    """W' = W * g, g scaling W's input columns: each element computed in float64 and cast back
+    to W's dtype, a block of rows at a time, so that folding a vocabulary-sized lm_head (while a
+    checkpoint is rewritten, `fxrewrite.checkpoint`) needs the result and one block, not a
+    float64 copy of the whole weight (the same values: the product is elementwise)."""
+    out = torch.empty_like(w, memory_format=torch.contiguous_format)  # a linear's weight: [out, in]
+    g64 = g.double()
+    rows = max(1, _CHUNK_BYTES // (8 * max(1, w.shape[1])))
+    for i in range(0, w.shape[0], rows):
+        out[i:i + rows] = (w[i:i + rows].double() * g64).to(w.dtype)
+    return out
 
 
 def fold_linear_bias(w, b, c):
