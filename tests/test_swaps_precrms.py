@@ -235,5 +235,5 @@ def test_crmsnorms_lower_to_triton():
     assert len(rewrote(fast, PASS)) == 12
     lowered = rewrote(fast, "lower_triton")
     assert len(lowered) == 5 == sum(map(runtime.is_region_call, fast.graph.nodes))
-    assert all(r.detail.startswith(f"{r.node}:rms_norm -> ") for r in lowered)
+    assert all(r.detail.startswith(f"rms_norm region: {r.node}:rms_norm -> ") for r in lowered)
     verify(model, fast, x, rtol=1e-4, atol=1e-5)

@@ -167,3 +167,30 @@ def test_deviation_counts_a_nan_or_inf_the_reference_lacks_as_infinite():
                 torch.tensor([1.0, 2.0, float("nan"), 5.0])):
         assert deviation(ref, bad) == (float("inf"), float("inf"))
     assert deviation(torch.tensor([1.0, -4.0]), torch.tensor([1.5, -4.0])) == (0.5, 0.125)
+
+
+def test_float64_verify_of_an_exported_graph_leaves_out_its_dtype_checks():
+    """torch.export writes `_assert_tensor_metadata(x, dtype=float32)` into the graph; a float64
+    copy must not trip on them (they check the capture's dtype, which float64 changes on purpose)."""
+    import torch.nn as nn
+
+    from fxrewrite import optimize, verify
+
+    class ConvBN(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+
+        def forward(self, x, scale):  # keyword inputs: captured by torch.export
+            return self.bn(self.conv(x)).float() * scale
+
+    torch.manual_seed(0)
+    model = ConvBN().eval()
+    with torch.no_grad():
+        model.bn.running_var.uniform_(0.5, 2.0)
+    inputs = {"x": torch.randn(2, 3, 8, 8), "scale": torch.tensor(2.0)}
+    fast = optimize(model, inputs)
+    assert any(n.target is torch.ops.aten._assert_tensor_metadata.default for n in fast.graph.nodes)
+    result = verify(model, fast, inputs, float64=True, raise_on_fail=False)
+    assert result.passed, str(result)
+    assert any("dtype checks of the exported graph left out" in n for n in result.notes), result.notes

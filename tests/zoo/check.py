@@ -136,7 +136,9 @@ def run_one(entry: ZooModel, onnx: bool = True) -> dict:
         row["verify"] = "pass" if result.passed else f"FAIL max rel {result.max_rel:.2e} > {entry.rtol:g}"
     except Exception as e:
         row["verify"] = f"FAIL {_reason(e)}"
-    try:  # the rewrite's own error, apart from float32 rounding: derived weights replayed in float64
+    try:  # the rewrite's own error, apart from float32 rounding: derived weights replayed in float64.
+        # Reported, not a step: a graph can fix float32 where the model follows its input's dtype
+        # (export's casts; constants a capture computed in float32), which float64 cannot undo
         result = verify(model, fast, _fresh(x), float64=True, raise_on_fail=False)
         row["max_rel64"] = result.max_rel
         row["float64"] = "pass" if result.passed else f"FAIL max rel {result.max_rel:.2e} > 1e-10"
@@ -172,10 +174,10 @@ def _exports(model, x, path) -> bool:
         return False
 
 
-STEPS = ["capture", "optimize", "verify", "float64", "onnx export", "onnx check"]
+STEPS = ["capture", "optimize", "verify", "onnx export", "onnx check"]
 NA_PARTIAL = "n/a (partial)"  # partially optimized, and the original model does not export to ONNX either
 
 
 def passed(row: dict, onnx: bool = True) -> bool:
-    steps = STEPS if onnx else STEPS[:4]
+    steps = STEPS if onnx else STEPS[:3]
     return all(row.get(s) == "pass" or (s.startswith("onnx") and row.get(s) == NA_PARTIAL) for s in steps)
