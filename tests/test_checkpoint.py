@@ -205,3 +205,25 @@ def test_sources_in_another_dtype_are_cast_to_the_models_as_load_state_dict_does
     assert all(t.dtype == torch.float32 for t in fast.parameters())
     with torch.no_grad():
         assert torch.equal(fast(x), fxrewrite.optimize(model, x)(x))
+
+
+def test_bfloat16_llama_folds_its_norm_weights_applied_after_the_cast(tmp_path):
+    """transformers' RMSNorm in bfloat16 multiplies its weight after casting back from float32; the
+    fold still applies (into the linears), on the checkpoint's own bfloat16 tensors."""
+    model = trained_llama().to(torch.bfloat16)
+    src, out = tmp_path / "src", tmp_path / "out"
+    model.save_pretrained(src, max_shard_size="40KB")
+    example = {"input_ids": torch.randint(0, 128, (2, 8))}
+    expected = fxrewrite.optimize(model, example, passes=["quantize_prep"])
+    assert expected.report.count("fold_norm_affine") == 5
+
+    def factory():
+        return llama().to(torch.bfloat16)
+
+    manifest = rewrite_checkpoint(factory, example, src, out, passes=["quantize_prep"], progress=False)
+    assert sum(d["pass_name"] == "fold_norm_affine" for d in manifest["derivations"]) >= 5
+    fast = load_rewritten(factory, out)
+    assert all(p.dtype == torch.bfloat16 for p in fast.parameters())
+    fresh = {"input_ids": torch.randint(0, 128, (3, 11))}
+    with torch.no_grad():
+        assert torch.equal(logits(fast(**fresh)), logits(expected(**fresh)))

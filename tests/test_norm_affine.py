@@ -160,6 +160,57 @@ def test_linear_read_twice_keeps_its_other_use():
     exact(model, fast, x)
 
 
+class CastThenScale(nn.Module):
+    """transformers' half-precision RMSNorm: normalised in float64 here (float32 there), cast back
+    to the input's dtype, then times the weight; `other` adds a reader that is not a linear."""
+
+    def __init__(self, d=16, weight_first=True, other=False, weight_dtype=None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.rand(d, dtype=weight_dtype) + 0.5)
+        self.q, self.k = nn.Linear(d, 8), nn.Linear(d, 8, bias=False)
+        self.d, self.weight_first, self.other = d, weight_first, other
+
+    def forward(self, x):
+        h = torch.nn.functional.rms_norm(x.to(torch.float64), (self.d,)).to(x.dtype)
+        h = self.weight * h if self.weight_first else h * self.weight
+        out = self.q(h) + self.k(h)
+        return out + h[..., :8] if self.other else out
+
+
+@pytest.mark.parametrize("weight_first", [True, False])
+def test_weight_applied_after_a_cast_folds_into_the_linears(weight_first):
+    model, x = CastThenScale(weight_first=weight_first).eval(), torch.randn(2, 5, 16)
+    fast = optimize(model, x, passes=["lift_norms", FOLD_NORM_AFFINE])
+    [r] = rewrote(fast, "fold_norm_affine")
+    assert r.detail.startswith("RMSNorm weight (applied after a cast, mul") and r.detail.endswith(
+        "folded into 2 linear(s): q, k; the norm keeps no affine")
+    assert count(fast, torch.ops.aten.mul.Tensor) == 0 and "weight" not in dict(fast.named_parameters())
+    fresh = torch.randn(3, 7, 16)
+    result = verify(model, fast, fresh)  # float32: each side rounds its product once
+    assert result.max_rel < 1e-6, str(result)
+    again(fast, x, ["lift_norms", FOLD_NORM_AFFINE], "fold_norm_affine")
+
+
+def test_weight_after_a_cast_read_by_something_else_is_skipped():
+    model, x = CastThenScale(other=True).eval(), torch.randn(2, 5, 16)
+    fast = optimize(model, x, passes=["lift_norms", FOLD_NORM_AFFINE])
+    [s] = skipped(fast, "fold_norm_affine")
+    assert s.detail.startswith("RMSNorm affine left in place: the norm's output is also read by getitem")
+    assert count(fast, torch.ops.aten.mul.Tensor) == 1
+    torch.testing.assert_close(fast(x), model(x), rtol=0, atol=0)
+
+
+def test_weight_after_a_cast_in_another_dtype_is_not_taken():
+    """A float64 weight times the float32 cast promotes to float64: the linears would read the
+    float32 cast instead, so the product is no norm weight to fold."""
+    model, x = CastThenScale(weight_dtype=torch.float64).eval(), torch.randn(2, 5, 16)
+    model.q.double(), model.k.double()
+    fast = optimize(model, x, passes=["lift_norms", FOLD_NORM_AFFINE])
+    assert fast.report.count("fold_norm_affine") == 0
+    assert notes(fast, "fold_norm_affine") == ["no LayerNorm or RMSNorm with an affine weight or bias found"]
+    torch.testing.assert_close(fast(x), model(x), rtol=0, atol=0)
+
+
 # ---------------------------------------------------------------- a transformers Llama
 
 def tiny_llama_lm():
@@ -391,3 +442,22 @@ def test_through_torch_compile_with_the_quantize_prep_preset():
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
     assert sum(r.count("fold_norm_affine") for r in REPORTS) == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_llama_folds_and_stays_as_close_to_float64(llama, dtype):
+    """In 16-bit, transformers multiplies the norm weight after the cast back from float32; the
+    five norms still fold. Each side rounds once in that dtype, so the folded model is as far from
+    the float64 model as the original is (not bit-equal to it)."""
+    model = copy.deepcopy(llama[0]).to(dtype)
+    fast = optimize(model, llama[1], passes="quantize_prep")
+    records = rewrote(fast, "fold_norm_affine")
+    assert len(records) == 5 and all("(applied after a cast, mul" in r.detail for r in records)
+    ref64 = copy.deepcopy(llama[0]).double()
+    fresh = torch.randint(0, 64, (3, 11))
+    with torch.no_grad():
+        want = ref64(input_ids=fresh).logits
+        scale = want.abs().max()
+        err_model = ((model(input_ids=fresh).logits.double() - want).abs().max() / scale).item()
+        err_fast = ((fast(input_ids=fresh).logits.double() - want).abs().max() / scale).item()
+    assert err_fast <= 2 * err_model + 1e-3, (err_fast, err_model)

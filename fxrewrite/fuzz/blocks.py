@@ -465,21 +465,48 @@ def apply_lora(mods, spec, x):
     return mods["linear"](x) + mods["lora_b"](mods["lora_a"](x)) * spec["s"]
 
 
+class CastNorm(nn.Module):
+    """An affine-free LayerNorm / RMSNorm computed in float32, cast back to the input's dtype, then
+    times its weight: transformers' RMSNorm in half precision (a real cast in bfloat16 programs,
+    a round trip through float32 in float64 ones, nothing in float32 ones)."""
+
+    def __init__(self, d: int, rms: bool):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(d).uniform_(0.5, 1.5))
+        self.d, self.rms = d, rms
+
+    def forward(self, x):
+        norm = F.rms_norm if self.rms else F.layer_norm
+        return self.weight * norm(x.float(), (self.d,)).to(x.dtype)
+
+
 def build_layernorm(spec, shape):
-    ln = nn.LayerNorm(shape[-1])
-    with torch.no_grad():
-        ln.weight.uniform_(0.5, 1.5)
-        ln.bias.uniform_(-0.5, 0.5)
+    """A LayerNorm (or RMSNorm: spec "rms") over the last axis, affine; spec "cast": `CastNorm`;
+    spec "fanout": two linears read it, their outputs multiplied (a GLU: nothing to merge)."""
+    d = shape[-1]
+    if spec.get("cast"):
+        ln = CastNorm(d, spec.get("rms", False))
+    else:
+        ln = nn.RMSNorm(d) if spec.get("rms") else nn.LayerNorm(d)
+        with torch.no_grad():
+            ln.weight.uniform_(0.5, 1.5)
+            if getattr(ln, "bias", None) is not None:
+                ln.bias.uniform_(-0.5, 0.5)
     mods = {"ln": ln}
     if spec.get("ssf"):
-        mods["ssf"] = Affine(shape[-1], True, False, -1)
+        mods["ssf"] = Affine(d, True, False, -1)
+    if spec.get("fanout"):  # two linears read the norm (as q, k, v do)
+        mods["fan0"], mods["fan1"] = nn.Linear(d, d), nn.Linear(d, d, bias=False)
     act_modules(spec, mods)
     return nn.ModuleDict(mods)
 
 
 def apply_layernorm(mods, spec, x):
     y = mods["ln"](x)
-    return activate(mods, spec, mods["ssf"](y) if "ssf" in mods else y)
+    y = mods["ssf"](y) if "ssf" in mods else y
+    if "fan0" in mods:
+        y = mods["fan0"](y) * mods["fan1"](y)
+    return activate(mods, spec, y)
 
 
 def _none(spec, shape):

@@ -15,7 +15,8 @@ Failure classes (a case may have several; the shrinker keeps one):
     not_idempotent       optimize(fast) differs from fast (or crashes: not_idempotent:<Type>)
     verify64             fxrewrite.rewrite.verify(float64=True) (derivations replayed on float64 weights) fails
     meta_plan            optimize on the model built on the meta device gives other code or derivations, or,
-                         given the optimised model's tensors, other outputs (option "default" only)
+                         given the optimised model's tensors, other outputs (options "default" and
+                         "quantize_prep" only)
 Documented errors (CaptureError, VerificationError, TypeError, ValueError, KeyError) are not
 failures: the case is `rejected` with the reason, and the summary counts them.
 """
@@ -34,8 +35,9 @@ from fxrewrite.rewrite.verify import flatten_outputs
 from .grammar import generate
 from .model import build_model, check_runs, make_inputs
 
-ROTATION = ["default", "inplace_off", "channels_last", "triton", "backend"]
+ROTATION = ["default", "inplace_off", "channels_last", "triton", "backend", "quantize_prep"]
 OPTIONS = {"default": {}, "inplace_off": {"inplace": False}, "channels_last": {"layout": "channels_last"},
+           "quantize_prep": {"passes": "quantize_prep"},  # the opt-in exact passes: lift_norms, fold_norm_affine
            "triton": {"lower": "triton"}, "backend": {"compiler": "eager"}, "inductor": {"compiler": "inductor"}}
 COMPILED = ("backend", "inductor")
 FRESH = ("fresh", "fresh2")
@@ -110,10 +112,12 @@ def _check(program: dict, option: str, verify64: bool, res: CaseResult):
     if option not in COMPILED:
         _determinism(model, program, fast, option, res)
         _idempotence(fast, program, expected, option, res)
-        if verify64 and option != "triton":  # lowered kernels round: 'rounding', not 'exact'
+        # lowered kernels round ('rounding', not 'exact'); a cast to a fixed dtype stays one in the
+        # float64 replay (and in the float64 reference), which rounds there
+        if verify64 and option != "triton" and not any(b.get("cast") for b in program["blocks"]):
             _verify64(model, fast, program, res)
-        if option == "default":
-            _meta_plan(program, fast, res)
+        if option in ("default", "quantize_prep"):  # (the passes a checkpoint is rewritten with)
+            _meta_plan(program, fast, res, OPTIONS[option])
 
 
 def _expected(program: dict, stream: str):
@@ -219,7 +223,7 @@ def _verify64(model, fast, program: dict, res: CaseResult):
         res.fail("verify64", str(result).replace("\n", " "))
 
 
-def _meta_plan(program: dict, fast, res: CaseResult):
+def _meta_plan(program: dict, fast, res: CaseResult, kwargs: dict):
     """The same model built on the meta device plans the same rewrite: the same code (the devices
     written into the graph aside) and derivations; with `fast`'s tensors put in, the same outputs."""
     from fxrewrite import optimize
@@ -227,7 +231,7 @@ def _meta_plan(program: dict, fast, res: CaseResult):
     with torch.device("meta"):
         meta_model = build_model(program)
     try:
-        plan = optimize(meta_model, make_inputs(program, "example").to("meta"))
+        plan = optimize(meta_model, make_inputs(program, "example").to("meta"), **kwargs)
     except Exception as e:  # noqa: BLE001 - the materialised model optimised: so must its plan
         res.fail(f"meta_plan:{type(e).__name__}", _line(e))
         return

@@ -13,7 +13,16 @@ so W' = W * g (per input column) and c' = c + W b, and the norm keeps no affine 
 has no b). Legal only if every reader of the norm's output is an `aten.linear` taking it as its
 input, directly or through ops that leave the last axis alone (slices and selects of other axes,
 views keeping the last size, clones): transformers' final norm reaches `lm_head` through such
-slices. Otherwise the norm is skipped with the reader that stops it. A linear whose weight is
+slices. Otherwise the norm is skipped with the reader that stops it.
+
+The same fold applies when the weight multiplies after a cast, as in transformers' RMSNorm in
+bfloat16 / float16 (`weight * n(x.float()).to(bf16)`, which `lift_norms` lifts as an affine-free
+norm followed by the cast and the product): Linear(c(n) * g) = c(n) @ (W diag(g))^T with c the
+cast, so the product goes, and the linears read the cast. In float32 and float64 the two sides
+are equal up to rounding; in a 16-bit dtype each side rounds once at that dtype's precision
+(the product c(n) * g there, W' = W * g here, computed in float64).
+
+A linear whose weight is
 tied (its storage shared with another tensor of the module, e.g. `lm_head` and the embedding,
 or read elsewhere in the graph) now reads a derived copy, which the report notes: that weight is
 no longer tied. One rewrite per norm, naming the linears it went into.
@@ -156,44 +165,84 @@ def fold_norm_affine(rw: Rewriter) -> None:
         g = ops.arg(norm, "weight")
         b = ops.arg(norm, "bias") if norm.target is ops.layer_norm else None
         if g is None and b is None:
-            continue  # affine-free already
-        candidates += 1
-        kind = "LayerNorm" if norm.target is ops.layer_norm else "RMSNorm"
-        reason = _norm_affine_reason(norm, g, b)
-        linears = []
-        if reason is None:
-            linears, reason = _linear_readers(norm)
-        if reason is None:
-            reason = _linears_reason(norm, linears, rw)
-        if reason is not None:
-            rw.skip(norm.name, f"{kind} affine left in place: {reason}")
+            scaled = _scale_after_cast(norm)
+            if scaled is None:
+                continue  # affine-free
+            candidates += 1
+            mul, g = scaled
+            _fold_norm(rw, storage, reads, mul, g, None, _kind(norm), norm.name)
             continue
+        candidates += 1
+        _fold_norm(rw, storage, reads, norm, g, b, _kind(norm), norm.name)
+    if not candidates:
+        rw.note("model", "no LayerNorm or RMSNorm with an affine weight or bias found")
 
+
+def _scale_after_cast(norm: fx.Node) -> tuple[fx.Node, fx.Node] | None:
+    """(the product, g) for `g * cast(norm)` (either order) when the affine-free `norm`'s only reader is a
+    cast whose only reader multiplies it by a constant `g` of shape (d,), in the cast's dtype."""
+    if len(norm.users) != 1:
+        return None
+    cast = next(iter(norm.users))
+    if not (ops.is_call(cast, ops.cast) or ops.is_call(cast, ops.to_dtype)) or cast.args[0] is not norm \
+            or len(cast.users) != 1:
+        return None
+    mul = next(iter(cast.users))
+    if not ops.is_call(mul, aten.mul.Tensor) or len(mul.args) != 2 or cast not in mul.args:
+        return None
+    g = mul.args[1] if mul.args[0] is cast else mul.args[0]
+    shape = ops.arg(norm, "normalized_shape")
+    if not (isinstance(g, fx.Node) and g.op == "get_attr") or g is cast or len(shape) != 1:
+        return None
+    gt = fetch_attr(g.graph.owning_module, g.target)
+    if list(gt.shape) != [shape[0]] or tensor_dtype(mul) is None or tensor_dtype(mul) != tensor_dtype(cast):
+        return None
+    return mul, g
+
+
+def _fold_norm(rw: Rewriter, storage, reads, norm: fx.Node, g, b, kind: str, label: str) -> None:
+    """Fold g (and b) into the linears reading `norm` (a norm, or the product of a cast norm and
+    its weight, which then goes: its readers read the cast)."""
+    gm = rw.gm
+    d = tensor_shape(norm)[-1] if norm.target not in _NORMS else ops.arg(norm, "normalized_shape")[0]
+    reason = _norm_affine_reason(norm, g, b) if norm.target in _NORMS else None
+    linears = []
+    if reason is None:
+        linears, reason = _linear_readers(norm)
+    if reason is None:
+        reason = _linears_reason(norm, d, linears, rw)
+    if reason is not None:
+        rw.skip(label, f"{kind} affine left in place: {reason}")
+        return
+
+    if norm.target in _NORMS:
         named = {a: ops.arg(norm, a) for a in ops.arg_names(norm.target)}
         named.update(weight=None, **({"bias": None} if norm.target is ops.layer_norm else {}))
         new_norm = rw.at(norm).call(norm.target, **named)
-        into, tied = [], []
-        for lin, source in linears:
-            w, c = ops.arg(lin, "weight"), ops.arg(lin, "bias")
-            stem = _module_name(w.target).replace(".", "_")
-            rw.at(lin)
-            w2 = rw.param(f"{stem}_norm_folded_weight", fold_linear_weight, w, g) if g is not None else w
-            c2 = rw.param(f"{stem}_norm_folded_bias", fold_linear_bias, w, b, c) if b is not None else c
-            new_lin = rw.call(ops.linear, input=source, weight=w2, bias=c2)
-            rw.redirect(lin, new_lin)
-            into.append(_module_name(w.target))
-            why = _tied(gm, storage, reads, w, lin) if g is not None else []
-            if why:
-                tied.append((w.target, why))
-        rw.redirect(norm, new_norm)
-        what = " and ".join(p for p, v in (("weight", g), ("bias", b)) if v is not None)
-        rw.rewrote(norm.name, f"{kind} {what} folded into {len(into)} linear(s): {', '.join(into)}; "
-                              f"the norm keeps no affine")
-        for target, why in tied:
-            rw.note(norm.name, f"{target} {' and '.join(why)}: the linear now reads a derived copy, "
-                               f"so this weight is no longer tied")
-    if not candidates:
-        rw.note("model", "no LayerNorm or RMSNorm with an affine weight or bias found")
+    else:  # g * cast(n): the linears read the cast
+        new_norm = norm.args[0] if norm.args[1] is g else norm.args[1]
+    into, tied = [], []
+    for lin, source in linears:
+        w, c = ops.arg(lin, "weight"), ops.arg(lin, "bias")
+        stem = _module_name(w.target).replace(".", "_")
+        rw.at(lin)
+        w2 = rw.param(f"{stem}_norm_folded_weight", fold_linear_weight, w, g) if g is not None else w
+        c2 = rw.param(f"{stem}_norm_folded_bias", fold_linear_bias, w, b, c) if b is not None else c
+        new_lin = rw.call(ops.linear, input=source, weight=w2, bias=c2)
+        rw.redirect(lin, new_lin)
+        into.append(_module_name(w.target))
+        why = _tied(gm, storage, reads, w, lin) if g is not None else []
+        if why:
+            tied.append((w.target, why))
+    rw.redirect(norm, new_norm)
+    what = " and ".join(p for p, v in (("weight", g), ("bias", b)) if v is not None)
+    if norm.target not in _NORMS:
+        what += f" (applied after a cast, {norm.name})"
+    rw.rewrote(label, f"{kind} {what} folded into {len(into)} linear(s): {', '.join(into)}; "
+                      f"the norm keeps no affine")
+    for target, why in tied:
+        rw.note(label, f"{target} {' and '.join(why)}: the linear now reads a derived copy, "
+                       f"so this weight is no longer tied")
 
 
 def _norm_affine_reason(norm: fx.Node, g, b) -> str | None:
@@ -206,8 +255,7 @@ def _norm_affine_reason(norm: fx.Node, g, b) -> str | None:
     return None
 
 
-def _linears_reason(norm: fx.Node, linears, rw: Rewriter) -> str | None:
-    d = ops.arg(norm, "normalized_shape")[0]
+def _linears_reason(norm: fx.Node, d: int, linears, rw: Rewriter) -> str | None:
     for lin, _ in linears:
         w, c = ops.arg(lin, "weight"), ops.arg(lin, "bias")
         if not (isinstance(w, fx.Node) and w.op == "get_attr"):
@@ -256,7 +304,7 @@ def _as_affine(t: torch.Tensor, norm_target, k: int) -> torch.Tensor:
 def scale_weight(w, gamma, norm_target, shape):
     """w' = w * gamma (w = 1 when absent), in float64, cast back."""
     g = _as_affine(gamma, norm_target, len(shape))
-    base = w.double() if w is not None else torch.ones(shape, dtype=torch.float64)
+    base = w.double() if w is not None else torch.ones(shape, dtype=torch.float64, device=g.device)
     return (base * g).expand(shape).to(w.dtype if w is not None else gamma.dtype)
 
 
@@ -269,7 +317,7 @@ def scale_bias(b, gamma, norm_target, shape):
 def shift_bias(b, beta, norm_target, shape):
     """b' = b + beta (b = 0 when absent)."""
     s = _as_affine(beta, norm_target, len(shape))
-    base = b.double() if b is not None else torch.zeros(shape, dtype=torch.float64)
+    base = b.double() if b is not None else torch.zeros(shape, dtype=torch.float64, device=s.device)
     return (base + s).expand(shape).to(b.dtype if b is not None else beta.dtype)
 
 
