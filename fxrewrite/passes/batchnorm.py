@@ -146,9 +146,10 @@ SHAPE_OF_OTHER = {"reshape_as", "view_as", "expand_as", _aten.reshape_as.default
                   _aten.expand_as.default}  # read their first argument's values, the second's shape
 
 
-def is_view(node) -> bool:
-    """A view-like op (same elements, maybe reordered) of its first argument, a tensor; not
-    `x.view(dtype)`, which reinterprets the bits."""
+def is_rearrangement(node) -> bool:
+    """An op that rearranges its first argument's elements (a view, a reshape, a clone: the same
+    values, maybe reordered), which a BatchNorm can be replayed through; not `x.view(dtype)`,
+    which reinterprets the bits. (Broader than `effects.is_view`, which asks about aliasing.)"""
     if not (isinstance(node, fx.Node) and node.args and isinstance(node.args[0], fx.Node)):
         return False
     if node.op == "call_method":
@@ -180,7 +181,7 @@ def view_chain(bn_input: fx.Node, bn: fx.Node):
     """(producer, views from the producer to the BN) when the BN reads a conv or linear output
     through views that nothing else reads, else the reason there is none."""
     views, node = [], bn_input
-    while is_view(node):
+    while is_rearrangement(node):
         views.append(node)
         node = node.args[0]
     path = " <- ".join(v.name for v in views)
@@ -247,7 +248,7 @@ def channel_order(producer: fx.Node, views: list[fx.Node]):
 
 
 def bn_reads_a_view(bn: fx.Node) -> bool:
-    return is_view(ops.arg(bn, "input"))
+    return is_rearrangement(ops.arg(bn, "input"))
 
 
 def views_map_channels(x, bn, **_):

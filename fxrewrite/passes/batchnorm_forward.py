@@ -45,7 +45,7 @@ from ..rewrite import ops
 from ..rewrite.passmanager import Pass, describe_node
 from ..rewrite.rewriter import Rewriter
 from ..rewrite.shapes import tensor_shape
-from .batchnorm import REORDERING, run_view, shape_problem, bn_scale, is_view, value_readers
+from .batchnorm import REORDERING, run_view, shape_problem, bn_scale, is_rearrangement, value_readers
 from .norm_affine import fold_linear_bias, fold_linear_weight
 
 aten = torch.ops.aten
@@ -146,7 +146,7 @@ def _pad_reason(pad: fx.Node) -> str | None:
 
 def _mover(u: fx.Node) -> bool:
     """A node that only moves elements of its first argument: a view or a `_pad_reason`-free pad."""
-    return is_view(u) or (pad_spec(u) is not None and _pad_reason(u) is None)
+    return is_rearrangement(u) or (pad_spec(u) is not None and _pad_reason(u) is None)
 
 
 def find_readers(bn: fx.Node):
@@ -158,7 +158,7 @@ def find_readers(bn: fx.Node):
         for u in value_readers(v):
             if ops.is_call(u, aten._assert_tensor_metadata.default):
                 continue  # a check of dtype and shape, which the fold keeps
-            first = (u.op == "call_function" or is_view(u)) and _only_first_arg(u, v)
+            first = (u.op == "call_function" or is_rearrangement(u)) and _only_first_arg(u, v)
             if first and _mover(u):
                 todo.append((u, chain + [u]))
             elif first and u.target in (ops.linear, ops.conv):
