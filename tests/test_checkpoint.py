@@ -227,3 +227,43 @@ def test_bfloat16_llama_folds_its_norm_weights_applied_after_the_cast(tmp_path):
     fresh = {"input_ids": torch.randint(0, 128, (3, 11))}
     with torch.no_grad():
         assert torch.equal(logits(fast(**fresh)), logits(expected(**fresh)))
+
+
+class RepBlock(nn.Module):
+    """RepVGG: 3x3 conv + BN, 1x1 conv + BN and a BN alone, summed; twice. The merged conv's
+    weight is derived from weights that are themselves derived (the BN folds): a chain."""
+
+    def __init__(self, c=8):
+        super().__init__()
+        self.stages = nn.ModuleList()
+        for _ in range(2):
+            self.stages.append(nn.ModuleDict({
+                "k3": nn.Conv2d(c, c, 3, padding=1, bias=False), "bn3": nn.BatchNorm2d(c),
+                "k1": nn.Conv2d(c, c, 1, bias=False), "bn1": nn.BatchNorm2d(c), "bn_id": nn.BatchNorm2d(c)}))
+
+    def forward(self, x):
+        for s in self.stages:
+            x = torch.relu(s["bn3"](s["k3"](x)) + s["bn1"](s["k1"](x)) + s["bn_id"](x))
+        return x
+
+
+def test_derivation_chains_are_computed_through(tmp_path):
+    torch.manual_seed(0)
+    model = randomize_bn(RepBlock()).eval()
+    src, out = tmp_path / "src", tmp_path / "out"
+    save_sharded(model.state_dict(), src, 3)
+    example = torch.randn(2, 8, 12, 12)
+    expected = fxrewrite.optimize(model, example)
+    assert expected.report.count("merge_branches") == 2, expected.report
+
+    manifest = rewrite_checkpoint(RepBlock, example, src, out, progress=False)
+    derived = {d["target"] for d in manifest["derivations"]}
+    chained = [d for d in manifest["derivations"] if set(d["sources"]) & derived]
+    assert chained, manifest["derivations"]  # some tensor is computed from a derived one
+    written = {k for keys in manifest["shards"].values() for k in keys}
+    assert written == set(expected.state_dict())  # the intermediate (folded, then merged) ones are not written
+
+    fast = load_rewritten(RepBlock, out)
+    fresh = torch.randn(3, 8, 12, 12)
+    with torch.no_grad():
+        assert torch.equal(fast(fresh), expected(fresh))
