@@ -1,6 +1,6 @@
 """Peak memory of `rewrite_checkpoint` as the checkpoint grows: it should stay flat.
 
-For each size (GiB of float32 weights, `--sizes 1,3,7`) a Llama-architecture config (hidden
+For each size (GiB of float32 weights, `--sizes 1,4,12`) a Llama-architecture config (hidden
 2048, MLP 5632, 16 heads / 4 KV heads, vocabulary 32000: TinyLlama's widths) gets as many layers
 as fill the size. Its checkpoint is generated shard by shard (~500 MiB safetensors files and the
 index, random weights, norm weights away from 1 so that folding them matters), never as a whole
@@ -181,8 +181,8 @@ def machine() -> str:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--sizes", default="1,3,7",
-                   help="checkpoint sizes in GiB (default 1,3,7: each needs disk for its source and its output)")
+    p.add_argument("--sizes", default="1,4,12",
+                   help="checkpoint sizes in GiB (default 1,4,12: each needs disk for its source and its output, 25 GiB at 12)")
     p.add_argument("--dir", default="/tmp/fxrewrite_checkpoint_bench", help="scratch directory (deleted per size)")
     p.add_argument("--write", default=os.path.join(HERE, "results", "checkpoint_memory.txt"),
                    help="write the table here ('' to only print)")
