@@ -40,7 +40,9 @@ def render(rows, onnx: bool, seconds: float) -> str:
              "(norm-wise, max|a-b| <= rtol * max|ref|, rtol 1e-4 in float32); float64 runs both in float64, "
              "the derived weights recomputed from the original's float64 weights (`verify(float64=True)`: the "
              "rewrite's own error, rtol 1e-10; reported, not counted in the pass rate: a graph that fixed float32 "
-             "in a cast or a capture-time constant cannot run in float64 as the model does); the ONNX check "
+             "in a cast or a capture-time constant cannot run in float64 as the model does; for a partially optimized "
+             "model, also the optimized parts' own outputs in the same run, apart from the sorting, top-k and "
+             "NMS after them, which reorder outputs that tie in the reference); the ONNX check "
              "compares onnxruntime (CPU) with the original PyTorch model.", "",
              "| model | captured by | " + " | ".join(steps) + " | convs before -> after | norms before -> after "
              "| rewrites | max rel err | float64 | float64 rel err | s |",

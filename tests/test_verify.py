@@ -194,3 +194,37 @@ def test_float64_verify_of_an_exported_graph_leaves_out_its_dtype_checks():
     result = verify(model, fast, inputs, float64=True, raise_on_fail=False)
     assert result.passed, str(result)
     assert any("dtype checks of the exported graph left out" in n for n in result.notes), result.notes
+
+
+class _Detector(nn.Module):
+    """A backbone and head that trace, and a data-dependent branch that does not (so `optimize`
+    captures the parts), then a sort, as detection post-processing does."""
+
+    def __init__(self):
+        super().__init__()
+        self.backbone = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU())
+        self.head = nn.Conv2d(8, 1, 1)
+
+    def forward(self, x):
+        s = self.head(self.backbone(x)).flatten()
+        if s.max() > 0:
+            s = s * 2
+        return s.sort().values
+
+
+def test_partially_optimized_model_reports_each_part():
+    torch.manual_seed(0)
+    model = randomize_bn(_Detector()).eval()
+    x = torch.randn(1, 3, 12, 12)
+    fast = optimize(model, x)
+    assert isinstance(fast.backbone, torch.fx.GraphModule) and not isinstance(fast, torch.fx.GraphModule)
+    hooks = [len(m._forward_hooks) + len(m._forward_pre_hooks) for m in (*model.modules(), *fast.modules())]
+    result = verify(model, fast, torch.randn(1, 3, 12, 12), float64=True)
+    assert "backbone" in result.parts and all(v < 1e-12 for v in result.parts.values()), result.parts
+    assert "optimized part backbone: max rel" in str(result)
+    assert [len(m._forward_hooks) + len(m._forward_pre_hooks) for m in (*model.modules(), *fast.modules())] == hooks
+    # float32: the parts' rounding (a folded BN), one figure per part and call
+    result32 = verify(model, fast, torch.randn(1, 3, 12, 12))
+    assert 0 < result32.parts["backbone"] < 1e-5, result32.parts
+    whole = optimize(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)).eval(), x)
+    assert verify(whole, whole, x).parts == {}  # optimized whole: no parts

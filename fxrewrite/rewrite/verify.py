@@ -24,9 +24,15 @@ the reference crosses zero), against one of these tolerances, recorded per outpu
 
 Integer and bool outputs must match exactly. `verify` leaves the models and the inputs as they
 were (see `_run`).
+
+For a partially optimized model, the result also gives each optimized part's deviation (its
+outputs in both models, in the same runs: `parts`): where the model sorts, thresholds or
+suppresses (top-k, NMS), outputs that tie in the reference can come out in another order after a
+rewrite that changed the parts by 1e-15, and the parts' figures say where the change came from.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -63,6 +69,7 @@ class VerifyResult:
     fixed: bool = True  # rtol/atol were given
     notes: list[str] = field(default_factory=list)  # fallbacks, how the float64 replay went
     replay_partial: bool = False  # float64: some derived weights were not recomputed from the reference
+    parts: dict[str, float] = field(default_factory=dict)  # partially optimized: each part's max rel deviation
 
     @property
     def passed(self) -> bool:
@@ -86,6 +93,7 @@ class VerifyResult:
         for k, d in self.outputs.items():
             lines.append(f"  {k}: shape {list(d.shape)}, max abs {d.max_abs:.3g}, max rel {d.max_rel:.3g}"
                          f"{'' if self.fixed else f', within {d.tolerance}'}{'' if d.passed else '  <-- FAIL'}")
+        lines += [f"  optimized part {k}: max rel {v:.3g}" for k, v in self.parts.items()]
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
 
@@ -112,6 +120,59 @@ def _run(model: nn.Module, args, kwargs, double: bool = False):
     with torch.no_grad(), preserved_state(model):
         torch.manual_seed(_SEED)
         return model(*args, **kwargs)
+
+
+def optimized_parts(model: nn.Module) -> list[str]:
+    """The names of the optimized submodules (GraphModules, outermost) of a partially optimized
+    model; [] for a model optimized whole."""
+    if isinstance(model, fx.GraphModule):
+        return []
+    names: list[str] = []
+    for name, m in model.named_modules():
+        if name and isinstance(m, fx.GraphModule) and not any(name.startswith(p + ".") for p in names):
+            names.append(name)
+    return names
+
+
+@contextmanager
+def recording(model: nn.Module, names: list[str], into: dict):
+    """Record into `into[name]` the outputs of every call of each named submodule of `model`
+    (forward hooks, removed on exit). A call the module makes of itself is not a call of its
+    own (a lazily compiled GraphModule's first call compiles, then calls itself again)."""
+    handles = []
+    try:
+        for name in names:
+            try:
+                sub = model.get_submodule(name)
+            except AttributeError:
+                continue
+            depth = [0]
+
+            def enter(mod, args, depth=depth):
+                depth[0] += 1
+
+            def leave(mod, args, out, depth=depth, name=name):
+                depth[0] -= 1
+                if depth[0] == 0:
+                    into.setdefault(name, []).append(out)
+            handles += [sub.register_forward_pre_hook(enter), sub.register_forward_hook(leave)]
+        yield into
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _part_deviations(names: list[str], ref: dict, cand: dict) -> dict[str, float]:
+    """Each part's max relative deviation over all its calls (parts whose calls do not pair up
+    are left out)."""
+    out = {}
+    for name in names:
+        if name in ref and name in cand and len(ref[name]) == len(cand[name]):
+            try:
+                out[name] = deviation(ref[name], cand[name])[1]
+            except ValueError:  # outputs differ in structure
+                continue
+    return out
 
 
 def _amax(t: torch.Tensor) -> float:
@@ -319,14 +380,18 @@ def verify(reference: nn.Module, candidate: nn.Module, inputs, rtol: float | Non
         if derivations:
             replayed, partial = _replay(derivations, ref_model, cand_model)
             notes += replayed
-    ref_out = _run(ref_model, args, kwargs, double=float64)
-    cand_out = _run(cand_model, args, kwargs, double=float64)
+    parts, ref_parts, cand_parts = optimized_parts(candidate), {}, {}
+    with recording(ref_model, parts, ref_parts):
+        ref_out = _run(ref_model, args, kwargs, double=float64)
+    with recording(cand_model, parts, cand_parts):
+        cand_out = _run(cand_model, args, kwargs, double=float64)
     rounding = None
     if rtol is None and atol is None and not float64:
         rounding, why = _eager_rounding(reference, ref_out, args, kwargs)
         notes += why
     result = compare(ref_out, cand_out, rtol, atol, rounding)
     result.notes, result.replay_partial = notes, partial
+    result.parts = _part_deviations(parts, ref_parts, cand_parts)
     if raise_on_fail and not result.passed:
         raise VerificationError(str(result))
     return result
