@@ -88,6 +88,8 @@ def test_copy_model_equals_deepcopy_on_real_models(build):
 
 
 class _FxTracer(fx.Tracer):
+    proxy_buffer_attributes = True  # as ours: buffers traced as graph values
+
     def is_leaf_module(self, m, qualname):
         return isinstance(m, LEAF_MODULES) or super().is_leaf_module(m, qualname)
 
@@ -295,3 +297,28 @@ def test_capture_checks_never_write_into_the_user_inputs():
     assert torch.equal(x, before)
     notes = [r.detail for r in fast.report.records if r.pass_name == "capture"]
     assert not any("at size 1" in n for n in notes), notes
+
+
+def test_buffers_are_traced_as_graph_values_so_computed_weights_have_derivations():
+    """torchvision's FrozenBatchNorm2d computes its scale and shift from buffers in forward. Read
+    as plain tensors (fx's default) that ran once at trace time into anonymous constants, which
+    neither the float64 replay nor a meta-device plan could recompute; traced, the fold is
+    recorded from the buffers."""
+    from torchvision.ops import FrozenBatchNorm2d
+    from fxrewrite import optimize, verify
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), FrozenBatchNorm2d(4), nn.ReLU()).eval()
+    with torch.no_grad():
+        for b in model[1].buffers():
+            b.uniform_(0.5, 1.5)
+    x = torch.randn(2, 3, 8, 8)
+    fast = optimize(model, x)
+    assert not any("_tensor_constant" in n.target for n in fast.graph.nodes if n.op == "get_attr")
+    sources = {s for d in fast.derivations for s in d.sources if isinstance(s, str)}
+    assert {"1.weight", "1.bias", "1.running_mean", "1.running_var"} <= sources, sources
+    result = verify(model, fast, torch.randn(3, 3, 8, 8), float64=True)
+    assert result.max_rel < 1e-12 and not result.replay_partial, str(result)
+    with torch.device("meta"):
+        meta_model = nn.Sequential(nn.Conv2d(3, 4, 3), FrozenBatchNorm2d(4), nn.ReLU()).eval()
+    plan = optimize(meta_model, x.to("meta"))
+    assert [(d.target, d.sources) for d in plan.derivations] == [(d.target, d.sources) for d in fast.derivations]

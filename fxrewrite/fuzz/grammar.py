@@ -325,7 +325,7 @@ IMAGE_OPS = [(gen_conv, 6), (gen_convT, 3.5), (gen_branches, 15), (gen_chain, 2)
              (gen_shared, 1), (gen_tied, 1), (gen_readtwice, 1), (gen_mutate, 3.5), (gen_flatten_fc, 3.5),
              (gen_view, 2), (gen_to_vec, 1), (gen_to_seq, 1.5), (gen_bn_only, 1), (gen_affine, 3), (gen_act, 1),
              (gen_control, 0.5), (gen_ws_conv, 2), (gen_bn_view, 1.5)]
-LINEAR_OPS = [(gen_linear, 5), (gen_linchain, 2), (gen_lora, 2), (gen_layernorm, 1.5), (gen_lin_residual, 1),
+LINEAR_OPS = [(gen_linear, 5), (gen_linchain, 2), (gen_lora, 2), (gen_layernorm, 4), (gen_lin_residual, 1),
               (gen_lin_affine, 2), (gen_act, 1), (gen_control, 0.5), (gen_lin_bn_view, 1.5),
               (gen_lin_prep_bn, 1.5)]
 

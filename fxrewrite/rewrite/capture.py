@@ -40,6 +40,12 @@ class _Tracer(fx.Tracer):
     `b, c, h, w = x.shape`) disassembles each calling function once, not once per unpacking.
     """
 
+    # Buffers are traced as graph values, as parameters are: fx's default reads them as plain
+    # tensors, so a computation on them (torchvision's FrozenBatchNorm2d: w * (rv + eps).rsqrt())
+    # ran once at trace time into an anonymous `_tensor_constant` that no derivation explains: not
+    # replayable in float64, and a meta tensor when the model was planned on the meta device.
+    proxy_buffer_attributes = True
+
     def __init__(self):
         super().__init__()
         self.instructions: dict = {}  # code object -> (instructions, their offsets)
