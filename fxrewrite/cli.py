@@ -198,18 +198,27 @@ def _write_drawing(graph, path: str) -> str:
     return path
 
 
+def _model_args(p: argparse.ArgumentParser, factory: str, shape: str, token_shape: str, *positional) -> None:
+    """What both commands take: the factory (and further positionals), example input shapes, token
+    ids, passes."""
+    p.add_argument("factory", help=factory)
+    for name, help_text in positional:
+        p.add_argument(name, help=help_text)
+    p.add_argument("--input-shape", action="append", metavar="N,C,H,W",
+                   help=f"{shape}; required unless FACTORY returns example inputs")
+    p.add_argument("--tokens", type=int, metavar="VOCAB", help="the inputs are token ids: int64 in [0, VOCAB), "
+                   f"e.g. --tokens 32000 --input-shape {token_shape}")
+    p.add_argument("--passes", help="comma-separated pass or preset names (default: the exact passes)")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fxrewrite", description="fx-rewrite: optimize a PyTorch model's graph")
     sub = p.add_subparsers(dest="command", required=True)
     o = sub.add_parser("optimize", help="optimize a model built by a factory function")
-    o.add_argument("factory", help="PACKAGE.MODULE:FACTORY, called with no arguments (e.g. "
-                   "torchvision.models:resnet18); it returns the model, or (model, example_inputs)")
-    o.add_argument("--input-shape", action="append", metavar="N,C,H,W",
-                   help="shape of a random float32 input (token ids with --tokens); repeat for models with several "
-                   "inputs; required unless FACTORY returns example inputs")
-    o.add_argument("--tokens", type=int, metavar="VOCAB", help="the inputs are token ids: int64 in [0, VOCAB), "
-                   "e.g. --tokens 32000 --input-shape 1,128 (batch, sequence)")
-    o.add_argument("--passes", help="comma-separated pass or preset names (default: the exact passes)")
+    _model_args(o, "PACKAGE.MODULE:FACTORY, called with no arguments (e.g. torchvision.models:resnet18); it "
+                "returns the model, or (model, example_inputs)",
+                "shape of a random float32 input (token ids with --tokens); repeat for models with several inputs",
+                "1,128 (batch, sequence)")
     o.add_argument("--lower", choices=["triton"], help="replace fused norm + activation regions with generated "
                    "Triton kernels (optimize(..., lower='triton'))")
     o.add_argument("--layout", choices=["channels_last"], help="also store conv weights channels-last (faster "
@@ -227,17 +236,13 @@ def _parser() -> argparse.ArgumentParser:
                    "exporter) through")
     r = sub.add_parser("rewrite-checkpoint", help="rewrite a (sharded) safetensors checkpoint shard by shard, "
                        "planning on the meta device: for models too large for memory")
-    r.add_argument("factory", help="PACKAGE.MODULE:FACTORY, called with no arguments under the meta device; it "
-                   "returns the model, or (model, example_inputs)")
-    r.add_argument("src_dir", help="the checkpoint: model-0000i-of-0000n.safetensors shards and "
-                   "model.safetensors.index.json, or one model.safetensors (only read)")
-    r.add_argument("out_dir", help="where the rewritten shards, index and fxrewrite_manifest.json go")
-    r.add_argument("--input-shape", action="append", metavar="N,C,H,W",
-                   help="shape of an example input (token ids with --tokens); repeat for several inputs; required "
-                   "unless FACTORY returns example inputs")
-    r.add_argument("--tokens", type=int, metavar="VOCAB", help="the inputs are token ids (int64), e.g. "
-                   "--tokens 32000 --input-shape 2,8 (batch, sequence)")
-    r.add_argument("--passes", help="comma-separated pass or preset names (default: the exact passes)")
+    _model_args(r, "PACKAGE.MODULE:FACTORY, called with no arguments under the meta device; it returns the "
+                "model, or (model, example_inputs)",
+                "shape of an example input (token ids with --tokens); repeat for several inputs",
+                "2,8 (batch, sequence)",
+                ("src_dir", "the checkpoint: model-0000i-of-0000n.safetensors shards and "
+                 "model.safetensors.index.json, or one model.safetensors (only read)"),
+                ("out_dir", "where the rewritten shards, index and fxrewrite_manifest.json go"))
     r.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     r.add_argument("--verbose", action="store_true", help="let torch's own log output (torch.export) through")
     return p

@@ -201,6 +201,11 @@ def norm_kind(n: fx.Node) -> str:
     return "LayerNorm" if n.target is ops.layer_norm else "RMSNorm"
 
 
+def elementwise_why(swap: str) -> str:
+    """Why an elementwise swap cannot replace a norm over several dims jointly."""
+    return f"{swap} is elementwise with a weight and bias per channel of the last dim, so it cannot stand in for it"
+
+
 def last_dim_norm(rw, n: fx.Node, why_not_joint: str):
     """(width, weight, bias, the norm as a module) of a LayerNorm/RMSNorm over the last dim, for a
     swap to an elementwise module; or why not: it normalises several dims jointly (then
@@ -311,8 +316,7 @@ def norm_to_dyt(alpha: float | str = 0.5, attention_alpha: float | None = None, 
     targets = [{"layer_norm": ops.layer_norm, "rms_norm": ops.rms_norm}[k] for k in norms]
 
     def plan(rw, n):
-        found = last_dim_norm(rw, n, "DyT is elementwise with a weight and bias per channel of the last dim, "
-                                     "so it cannot stand in for it")
+        found = last_dim_norm(rw, n, elementwise_why("DyT"))
         if isinstance(found, str):
             return found
         width, w, b, ref = found

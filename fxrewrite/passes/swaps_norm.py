@@ -40,7 +40,7 @@ from ..rewrite.passmanager import Pass
 from ..rewrite.values import has_values
 
 from .swap_common import nodes_with, run_recording, swapped_input
-from .swaps import SwapPlan, last_dim_norm, norm_kind, swap_pass, with_affine
+from .swaps import SwapPlan, elementwise_why, last_dim_norm, norm_kind, swap_pass, with_affine
 
 _NORMS = {"layer_norm": ops.layer_norm, "rms_norm": ops.rms_norm}
 
@@ -83,8 +83,7 @@ def norm_to_eln(beta: float | str = "data", only=None, norms=("layer_norm", "rms
         return measured["sigma2"].get(n)
 
     def plan(rw, n):
-        found = last_dim_norm(rw, n, "ELN is elementwise with a weight and bias per channel of the last dim, "
-                                     "so it cannot stand in for it")
+        found = last_dim_norm(rw, n, elementwise_why("ELN"))
         if isinstance(found, str):
             return found
         c, w, b, ref = found

@@ -23,6 +23,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .activations import PolyReLU, ShiftedReLU, ThresholdReLU  # the swaps' activation modules (leaves too)
+
 
 def smelu(x: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
     """SmeLU of `x` with threshold `beta` (a tensor, cast to x's dtype): the formula of `SmeLU`."""
@@ -352,7 +354,5 @@ def fit_scalar(shape, t: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, 
     _, ww, bb = error_at(cand)
     return cand, ww, bb
 
-
-from .activations import PolyReLU, ShiftedReLU, ThresholdReLU  # noqa: E402 (the swaps' activation modules)
 
 LEAF_MODULES: tuple[type, ...] = (SmeLU, GeneralizedSmeLU, DyT, ELN, PartialRMSNorm, ShiftedReLU, ThresholdReLU, PolyReLU)
