@@ -322,3 +322,52 @@ def test_buffers_are_traced_as_graph_values_so_computed_weights_have_derivations
         meta_model = nn.Sequential(nn.Conv2d(3, 4, 3), FrozenBatchNorm2d(4), nn.ReLU()).eval()
     plan = optimize(meta_model, x.to("meta"))
     assert [(d.target, d.sources) for d in plan.derivations] == [(d.target, d.sources) for d in fast.derivations]
+
+
+class _Counter(nn.Module):
+    """Counts its calls in a buffer, written in place (`add_`) or by `+=` (which assigns)."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.conv, self.bn, self.how = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), how
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x):
+        if self.how == "add_":
+            self.calls.add_(1)
+        else:
+            self.calls += 1
+        return self.bn(self.conv(x)) * self.calls
+
+
+@pytest.mark.parametrize("how", ["add_", "iadd"])
+def test_a_buffer_the_model_writes_is_state_not_a_constant(how):
+    """With buffers traced as graph values, a written buffer reaches the graph as an attribute the
+    passes would take for a constant (fold_scale_shift folded `* calls` into the norm): such a
+    trace is refused, and torch.export, which tracks the writes, captures the model."""
+    from fxrewrite import optimize
+    torch.manual_seed(0)
+    model, x = _Counter(how).eval(), torch.randn(1, 3, 4, 4)
+    fast = optimize(model, x)
+    capture_notes = [r.detail for r in fast.report.records if r.pass_name == "capture"]
+    assert any(d.startswith("torch.export:") and "calls" in d for d in capture_notes), capture_notes
+    for _ in range(3):  # the count goes on in both
+        torch.testing.assert_close(fast(x), model(x))
+
+
+def test_a_write_through_a_view_of_a_buffer_is_state_too():
+    class Slot(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+            self.register_buffer("seen", torch.zeros(2))
+
+        def forward(self, x):
+            self.seen[0].add_(1)
+            return self.fc(x) * self.seen[0]
+
+    from fxrewrite import optimize
+    model, x = Slot().eval(), torch.randn(2, 4)
+    fast = optimize(model, x)
+    for _ in range(3):
+        torch.testing.assert_close(fast(x), model(x))

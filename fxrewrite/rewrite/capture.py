@@ -23,7 +23,7 @@ from torch.fx._lazy_graph_module import _LazyGraphModule
 from .clone import clone_inputs, copy_model, preserved_state
 from .dynamic import dynamic_shapes, guard_sizes, report_axes, sizes_of_two
 from .computed_weights import LEGACY_WEIGHT_HOOKS, computation_node, computed_tensors
-from .effects import hooks_of
+from .effects import hooks_of, is_view, mutated_args, mutations
 from .mode import MODE_MODULES, follow_mode, merge_modes, traced_mode_facts, training_ops
 from .report import Report
 from .shapes import propagate_shapes
@@ -419,10 +419,24 @@ def _quiet_export():
         log.setLevel(level)
 
 
-def _versions(model: nn.Module) -> dict[str, int]:
-    """Each parameter's and buffer's version counter (it counts in-place writes)."""
+def _versions(model: nn.Module) -> dict[str, int | None]:
+    """Each parameter's and buffer's version counter (it counts in-place writes); None for one
+    that tracing replaced by a traced value (`self.buf += 1` assigns the Proxy)."""
     tensors = list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False))
-    return {name: t._version for name, t in tensors}
+    return {name: t._version if isinstance(t, torch.Tensor) else None for name, t in tensors}
+
+
+def _written_attributes(graph: fx.Graph) -> list[str]:
+    """The attributes (buffers, parameters) that `graph` writes in place, directly or through a
+    view of them."""
+    written = set()
+    for writer in mutations(graph):
+        for v in mutated_args(writer):
+            while v.op != "get_attr" and is_view(v) and v.args and isinstance(v.args[0], fx.Node):
+                v = v.args[0]
+            if v.op == "get_attr":
+                written.add(v.target)
+    return sorted(written)
 
 
 def _trace(model: nn.Module, args, report: Report, failures: list) -> fx.GraphModule | None:
@@ -435,10 +449,14 @@ def _trace(model: nn.Module, args, report: Report, failures: list) -> fx.GraphMo
         failures.append(f"symbolic_trace failed: {_first_line(e)}{_user_frame(e)}")
         return None
     written = [name for name, version in _versions(work).items() if versions.get(name) != version]
-    if written:  # fx reads a buffer as a plain tensor: a write ran once, at trace time, and is gone
-        failures.append(f"symbolic_trace ran an in-place write to {', '.join(written[:3])} once while tracing "
-                        "(fx reads buffers as plain tensors, so the graph would neither write them nor see the "
-                        "writes)")
+    if written:  # a write fx did not trace (a tensor reached other than as an attribute): it ran once, and is gone
+        failures.append(f"symbolic_trace wrote {', '.join(written[:3])} while tracing (a write the graph would "
+                        "neither make nor see)")
+        return None
+    written = _written_attributes(gm.graph)
+    if written:  # the passes take a graph's attributes for constants; torch.export tracks such state
+        failures.append(f"symbolic_trace graph writes {', '.join(written[:3])} in place (state the model "
+                        "updates as it runs)")
         return None
     gm.training = model.training
     _keep_root_hooks(work, gm, report)
