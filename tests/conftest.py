@@ -190,20 +190,25 @@ def tiny_llama():
     return t.LlamaModel(cfg).eval()
 
 
+def sgd_losses(model, loss_fn, steps: int, lr: float) -> list[float]:
+    """`steps` SGD steps on `loss_fn()` (a loss computed by `model`); the losses."""
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss = loss_fn()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
 def train_steps(model, x, steps=5):
     """A few SGD steps towards a fixed random target; the losses."""
     torch.manual_seed(1)
     target = torch.randn_like(model(x))
-    opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    losses = []
     model.train()
-    for _ in range(steps):
-        opt.zero_grad()
-        loss = F.mse_loss(model(x), target)
-        loss.backward()
-        opt.step()
-        losses.append(float(loss))
-    return losses
+    return sgd_losses(model, lambda: F.mse_loss(model(x), target), steps, lr=0.05)
 
 
 def state_dict_round_trip(gm, fresh):

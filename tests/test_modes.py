@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from fxrewrite import ModeError, optimize
 from fxrewrite.rewrite.mode import FollowMode
 
-from conftest import notes
+from conftest import notes, sgd_losses
 
 
 class Tokens(nn.Module):
@@ -101,15 +101,8 @@ def test_training_a_swapped_decoder_captured_by_export():
     logits = (lambda o: o.logits if hasattr(o, "logits") else o[0])
     torch.testing.assert_close(logits(a), logits(b))
     fast.train()
-    opt = torch.optim.SGD(fast.parameters(), lr=0.1)
     target = torch.randint(0, 64, (2 * 8,))
-    losses = []
-    for _ in range(5):
-        loss = F.cross_entropy(logits(fast(**x)).reshape(-1, 64), target)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = sgd_losses(fast, lambda: F.cross_entropy(logits(fast(**x)).reshape(-1, 64), target), 5, lr=0.1)
     assert losses[-1] < losses[0], losses
     assert any(p.grad is not None for n, p in fast.named_parameters() if "dyt" in n)
 

@@ -14,6 +14,7 @@ from fxrewrite.passes.swaps import norm_to_dyt
 
 t = pytest.importorskip("transformers")
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer  # noqa: E402
+from conftest import sgd_losses  # noqa: E402
 
 VOCAB = 128
 
@@ -87,15 +88,10 @@ def test_per_block_result_follows_train_and_eval_and_trains(per_block):
     fast.train()
     with torch.no_grad():
         assert not torch.equal(fast(**x).logits, fast(**x).logits)  # attention dropout again
-    opt = torch.optim.SGD(fast.parameters(), lr=0.1)
-    losses = []
-    for _ in range(4):
+    def next_token_loss():
         logits = fast(**x).logits
-        loss = F.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), x["input_ids"][:, 1:].reshape(-1))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+        return F.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), x["input_ids"][:, 1:].reshape(-1))
+    losses = sgd_losses(fast, next_token_loss, 4, lr=0.1)
     assert losses[-1] < losses[0], losses
     assert all(p.grad is not None for n, p in fast.named_parameters() if "_dyt." in n)
 

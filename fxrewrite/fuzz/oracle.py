@@ -114,7 +114,7 @@ def _check(program: dict, option: str, verify64: bool, res: CaseResult):
         _idempotence(fast, program, expected, option, res)
         # lowered kernels round ('rounding', not 'exact'); a cast to a fixed dtype stays one in the
         # float64 replay (and in the float64 reference), which rounds there
-        if verify64 and option != "triton" and not any(b.get("cast") for b in program["blocks"]):
+        if verify64 and option != "triton" and not _casts(program):
             _verify64(model, fast, program, res)
         if option in ("default", "quantize_prep"):  # (the passes a checkpoint is rewritten with)
             _meta_plan(program, fast, res, OPTIONS[option])
@@ -203,9 +203,14 @@ def _outputs_ok(fast, program: dict, expected: dict, res: CaseResult, cls: str, 
 def _rounds_in(program: dict, option: str) -> torch.dtype | None:
     """float32 for a lowered float64 program that casts to float32 (a norm block computed in
     float32): the kernel computes that norm in float32 too, rounding its own way there."""
-    if option == "triton" and program["dtype"] == "float64" and any(b.get("cast") for b in program["blocks"]):
+    if option == "triton" and program["dtype"] == "float64" and _casts(program):
         return torch.float32
     return None
+
+
+def _casts(program: dict) -> bool:
+    """Whether a block of the program casts to a fixed dtype (the norm block's "cast")."""
+    return any(b.get("cast") for b in program["blocks"])
 
 
 def _determinism(model, program: dict, fast, option: str, res: CaseResult):
