@@ -164,22 +164,20 @@ def fold_norm_affine(rw: Rewriter) -> None:
             continue
         g = ops.arg(norm, "weight")
         b = ops.arg(norm, "bias") if norm.target is ops.layer_norm else None
+        scaled = None
         if g is None and b is None:
             scaled = _scale_after_cast(norm)
             if scaled is None:
                 continue  # affine-free
-            candidates += 1
-            mul, g = scaled
-            _fold_norm(rw, storage, reads, mul, g, None, _kind(norm), norm.name)
-            continue
+            g = scaled[2]
         candidates += 1
-        _fold_norm(rw, storage, reads, norm, g, b, _kind(norm), norm.name)
+        _fold_norm(rw, storage, reads, norm, g, b, scaled)
     if not candidates:
         rw.note("model", "no LayerNorm or RMSNorm with an affine weight or bias found")
 
 
-def _scale_after_cast(norm: fx.Node) -> tuple[fx.Node, fx.Node] | None:
-    """(the product, g) for `g * cast(norm)` (either order) when the affine-free `norm`'s only reader is a
+def _scale_after_cast(norm: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node] | None:
+    """(the product, the cast, g) for `g * cast(norm)` (either order) when the affine-free `norm`'s only reader is a
     cast whose only reader multiplies it by a constant `g` of shape (d,), in the cast's dtype."""
     if len(norm.users) != 1:
         return None
@@ -192,35 +190,35 @@ def _scale_after_cast(norm: fx.Node) -> tuple[fx.Node, fx.Node] | None:
         return None
     g = mul.args[1] if mul.args[0] is cast else mul.args[0]
     shape = ops.arg(norm, "normalized_shape")
-    if not (isinstance(g, fx.Node) and g.op == "get_attr") or g is cast or len(shape) != 1:
+    if not (isinstance(g, fx.Node) and g.op == "get_attr") or len(shape) != 1:
         return None
     gt = fetch_attr(g.graph.owning_module, g.target)
     if list(gt.shape) != [shape[0]] or tensor_dtype(mul) is None or tensor_dtype(mul) != tensor_dtype(cast):
         return None
-    return mul, g
+    return mul, cast, g
 
 
-def _fold_norm(rw: Rewriter, storage, reads, norm: fx.Node, g, b, kind: str, label: str) -> None:
-    """Fold g (and b) into the linears reading `norm` (a norm, or the product of a cast norm and
-    its weight, which then goes: its readers read the cast)."""
-    gm = rw.gm
-    d = tensor_shape(norm)[-1] if norm.target not in _NORMS else ops.arg(norm, "normalized_shape")[0]
-    reason = _norm_affine_reason(norm, g, b) if norm.target in _NORMS else None
+def _fold_norm(rw: Rewriter, storage, reads, norm: fx.Node, g, b, scaled=None) -> None:
+    """Fold g (and b) into the linears reading `norm`, or, with `scaled` = (product, cast, g)
+    from `_scale_after_cast`, reading the product, which then goes: its readers read the cast."""
+    gm, kind = rw.gm, _kind(norm)
+    anchor = scaled[0] if scaled else norm  # what the linears read
+    reason = _norm_affine_reason(norm, g, b)
     linears = []
     if reason is None:
-        linears, reason = _linear_readers(norm)
+        linears, reason = _linear_readers(anchor)
     if reason is None:
-        reason = _linears_reason(norm, d, linears, rw)
+        reason = _linears_reason(anchor, ops.arg(norm, "normalized_shape")[0], linears, rw)
     if reason is not None:
-        rw.skip(label, f"{kind} affine left in place: {reason}")
+        rw.skip(norm.name, f"{kind} affine left in place: {reason}")
         return
 
-    if norm.target in _NORMS:
+    if scaled:
+        replacement = scaled[1]
+    else:
         named = {a: ops.arg(norm, a) for a in ops.arg_names(norm.target)}
         named.update(weight=None, **({"bias": None} if norm.target is ops.layer_norm else {}))
-        new_norm = rw.at(norm).call(norm.target, **named)
-    else:  # g * cast(n): the linears read the cast
-        new_norm = norm.args[0] if norm.args[1] is g else norm.args[1]
+        replacement = rw.at(norm).call(norm.target, **named)
     into, tied = [], []
     for lin, source in linears:
         w, c = ops.arg(lin, "weight"), ops.arg(lin, "bias")
@@ -234,15 +232,15 @@ def _fold_norm(rw: Rewriter, storage, reads, norm: fx.Node, g, b, kind: str, lab
         why = _tied(gm, storage, reads, w, lin) if g is not None else []
         if why:
             tied.append((w.target, why))
-    rw.redirect(norm, new_norm)
+    rw.redirect(anchor, replacement)
     what = " and ".join(p for p, v in (("weight", g), ("bias", b)) if v is not None)
-    if norm.target not in _NORMS:
-        what += f" (applied after a cast, {norm.name})"
-    rw.rewrote(label, f"{kind} {what} folded into {len(into)} linear(s): {', '.join(into)}; "
-                      f"the norm keeps no affine")
+    if scaled:
+        what += f" (applied after a cast, {anchor.name})"
+    rw.rewrote(norm.name, f"{kind} {what} folded into {len(into)} linear(s): {', '.join(into)}; "
+                          f"the norm keeps no affine")
     for target, why in tied:
-        rw.note(label, f"{target} {' and '.join(why)}: the linear now reads a derived copy, "
-                       f"so this weight is no longer tied")
+        rw.note(norm.name, f"{target} {' and '.join(why)}: the linear now reads a derived copy, "
+                           f"so this weight is no longer tied")
 
 
 def _norm_affine_reason(norm: fx.Node, g, b) -> str | None:
