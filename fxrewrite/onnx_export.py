@@ -15,7 +15,9 @@ instead of writing a file only a custom runtime could load. A Triton-lowered mod
 (`lowered_decompositions`), i.e. the same standard ops as the unlowered model.
 
 Dynamic axes: the batch (dimension 0 of every input) and, for integer inputs such as token ids,
-the sequence (dimension 1). Export works on a copy when it must change something: weights with
+the sequence (dimension 1); inputs of equal example size share a symbol, an encoder-decoder's
+target ids get their own. Attention that torch.onnx cannot translate as called (5-D inputs, fewer
+key/value heads than query heads) is exported in the 4-D form it can (`sdpa_as_4d`). Export works on a copy when it must change something: weights with
 row-major strides, and a transformers model's KV cache off. The user's model is left as it is.
 
 Default opset: 23 when this onnxruntime can run RMSNormalization (probed once with a one-node
@@ -26,6 +28,7 @@ from __future__ import annotations
 import copy
 import functools
 import os
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -89,17 +92,33 @@ def default_opset() -> int:
 
 
 def _dynamic_shapes(args, kwargs):
-    """Dimension 0 of every tensor input is one shared symbolic batch size; dimension 1 of every
-    integer input of rank >= 2 (token ids, attention masks) is one shared symbolic sequence length."""
-    batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq")
+    """Dimension 0 of every tensor input is a symbolic batch size, and dimension 1 of every
+    integer input of rank >= 2 (token ids, attention masks) a symbolic sequence length. Inputs
+    whose example sizes are equal share one symbol (`batch`, `seq`); a different size gets a
+    symbol of its own (an encoder-decoder's `decoder_input_ids` has its own length: one shared
+    `seq` would make export refuse the example as a constraint violation)."""
+    names: dict[tuple[str, int], torch.export.Dim] = {}
 
-    def spec(v):
+    def dim(kind, size, key):
+        if (kind, size) not in names:
+            first = not any(k == kind for k, _ in names)
+            names[kind, size] = torch.export.Dim(kind if first else f"{kind}_{_identifier(key)}")
+        return names[kind, size]
+
+    def spec(key, v):
         if not isinstance(v, torch.Tensor) or v.dim() == 0:
             return None
-        return {0: batch, 1: seq} if is_token_tensor(v) else {0: batch}
+        axes = {0: dim("batch", v.shape[0], key)}
+        if is_token_tensor(v):
+            axes[1] = dim("seq", v.shape[1], key)
+        return axes
     if kwargs:
-        return {k: spec(v) for k, v in kwargs.items()}
-    return tuple(spec(a) for a in args)
+        return {k: spec(k, v) for k, v in kwargs.items()}
+    return tuple(spec(f"input{i}", a) for i, a in enumerate(args))
+
+
+def _identifier(key) -> str:
+    return re.sub(r"\W", "_", str(key))
 
 
 def _canonical(t: torch.Tensor) -> bool:
@@ -185,19 +204,62 @@ def _symbolic_axes(proto) -> tuple[bool, bool]:
 
 
 def _export(model, args, kwargs, path, opset, dynamic, external):
-    """torch.onnx.export, through torch.export first for a Triton-lowered model (whose fused
-    regions are exported as their eager meaning, standard ATen ops). Size-oblivious shapes, as
-    torch.onnx uses itself, so that an example batch of 1 does not fix the batch at 1."""
+    """torch.onnx.export; through torch.export first for a Triton-lowered model (whose fused
+    regions are exported as their eager meaning, standard ATen ops), and again that way, with
+    attention brought to the form the exporter translates (`sdpa_as_4d`), when the direct route
+    fails (the first error is the one raised if both do). Size-oblivious shapes, as torch.onnx
+    uses itself, so that an example batch of 1 does not fix the batch at 1."""
     table = lowered_decompositions(model)
     with torch.no_grad(), torch.fx.experimental._config.patch(backed_size_oblivious=True):
-        target = model
         if table:
-            target = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic, strict=False)
-            target = target.run_decompositions(table)
-        program = torch.onnx.export(target, args, kwargs=kwargs or None, dynamo=True, opset_version=opset,
-                                    dynamic_shapes=None if table else dynamic, verbose=False, optimize=False)
+            program = _via_export(model, args, kwargs, opset, dynamic, table)
+        else:
+            try:
+                program = torch.onnx.export(model, args, kwargs=kwargs or None, dynamo=True, opset_version=opset,
+                                            dynamic_shapes=dynamic, verbose=False, optimize=False)
+            except Exception as first:
+                try:
+                    program = _via_export(model, args, kwargs, opset, dynamic, {})
+                except Exception:
+                    raise first from None
     _optimize_onnx(program.model, opset)
     program.save(path, external_data=external)
+
+
+def _via_export(model, args, kwargs, opset, dynamic, table):
+    """torch.export as torch.onnx calls it (non-strict, a size check the model makes, such as
+    `seq != 1`, kept as a runtime assert rather than a guard that fixes the size), the
+    decompositions, then torch.onnx on the program."""
+    exported = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic, strict=False,
+                                   prefer_deferred_runtime_asserts_over_guards=True)
+    exported = exported.run_decompositions(table | {torch.ops.aten.scaled_dot_product_attention.default: sdpa_as_4d})
+    return torch.onnx.export(exported, args, kwargs=kwargs or None, dynamo=True, opset_version=opset,
+                             verbose=False, optimize=False)
+
+
+def sdpa_as_4d(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    """Scaled dot-product attention in the one form torch.onnx translates (at opset 23 and below):
+    4-D query, key and value with as many key/value heads as query heads. timm's NesT calls it on
+    5-D blocks, Falcon with one key/value head broadcast over the query heads: the leading axes are
+    broadcast and flattened into the batch, the key/value heads repeated, the mask broadcast to the
+    scores' shape. The same attention, exactly; a call already in that form is left to the
+    exporter (NotImplemented)."""
+    heads = q.shape[-3]
+    if q.dim() == 4 and k.dim() == 4 and k.shape[-3] == heads and v.shape[-3] == heads and \
+            (attn_mask is None or attn_mask.dim() == 4):
+        return NotImplemented
+    if k.shape[-3] != heads:  # broadcast (1 head) or grouped-query attention (enable_gqa)
+        k = k.repeat_interleave(heads // k.shape[-3], dim=-3)
+        v = v.repeat_interleave(heads // v.shape[-3], dim=-3)
+    lead = q.shape[:-3]
+    k = k.expand(*lead, *k.shape[-3:])
+    v = v.expand(*lead, *v.shape[-3:])
+    if attn_mask is not None:
+        attn_mask = attn_mask.expand(*q.shape[:-1], k.shape[-2]).reshape(-1, heads, q.shape[-2], k.shape[-2])
+    out = torch.ops.aten.scaled_dot_product_attention.default(
+        q.reshape(-1, *q.shape[-3:]), k.reshape(-1, *k.shape[-3:]), v.reshape(-1, *v.shape[-3:]), attn_mask,
+        dropout_p, is_causal, scale=scale)
+    return out.reshape(*lead, *out.shape[-3:])
 
 
 def _optimize_onnx(model, opset: int):
