@@ -27,7 +27,7 @@ REQUIRED = {
     "hook:pre", "weight_norm:parametrizations", "weight_norm:legacy", "act:relu", "act:gelu", "act:silu",
     "act:hardswish", "act:tanh", "op:residual", "op:cat", "view:view", "view:reshape", "view:flatten",
     "dtype:float32", "dtype:float64", "dtype:bfloat16", "channels_last", "op:control", "train:model",
-    "train:one_bn", "op:to_seq", "op:to_vec", "op:layernorm"}
+    "train:one_bn", "op:to_seq", "op:to_vec", "op:layernorm", "op:stateful"}
 
 # known bug classes still open in the library when this was written (strict=False: they may be fixed)
 KNOWN = {}
@@ -72,6 +72,31 @@ def test_planted_bug_in_bn_folding_is_found(monkeypatch):
                                                              for b in generate(s)["blocks"]))
     assert "mismatch" in run_case(seed, "default").failures
     assert "mismatch" in check_program(FOLDS_A_BN, "default").failures
+
+
+def _writes_its_buffer(how):
+    return {"seed": 3, "dtype": "float32", "input": [2, 3, 6, 6], "channels_last": False,
+            "blocks": [{"op": "stateful", "how": how, "out": 4, "bn": True, "linear": False},
+                       {"op": "conv", "cout": 4, "k": 3, "stride": 1, "pad": 1, "dil": 1, "groups": 1,
+                        "bias": True, "bn": True}]}
+
+
+@pytest.mark.parametrize("how", ["add_", "iadd", "view", "ema"])
+def test_a_block_that_writes_its_buffer_is_checked_call_by_call(how):
+    """The optimised copy starts from the user's state and keeps writing it: the oracle compares
+    each call with a reference that made the same calls before (here: clean)."""
+    result = check_program(_writes_its_buffer(how), "default")
+    assert result.ok, result.failures
+    assert any(r[2] == "rewrote" for r in result.records)  # the BNs around it were still folded
+
+
+def test_planted_bug_a_buffer_write_unseen_by_capture_is_found(monkeypatch):
+    """The regression c93c00a fixed (a buffer written by `add_` traced as a constant, `* calls`
+    folded into the norm): with the write-detection switched off the oracle reports it."""
+    import fxrewrite.rewrite.capture as capture
+    monkeypatch.setattr(capture, "_written_attributes", lambda graph: [])
+    failures = check_program(_writes_its_buffer("add_"), "default").failures
+    assert "mismatch" in failures or "mismatch_repeat" in failures, failures
 
 
 def test_user_model_and_inputs_mutated_are_reported(monkeypatch):

@@ -509,13 +509,65 @@ def apply_layernorm(mods, spec, x):
     return activate(mods, spec, y)
 
 
+class Stateful(nn.Module):
+    """A layer whose forward writes its own buffer, then reads it: a call counter (`add_`, `+=`,
+    or through a view of a larger state) scaling the output, or a running mean of the channels
+    (an EMA, as BatchNorm's statistics move in training) subtracted from it. The output depends
+    on how many calls came before, so an optimised copy must start from the user's state and
+    keep writing it (a capture that read the buffer as a constant would fold `* calls` away)."""
+
+    def __init__(self, how: str, c: int, channel_axis: int, rank: int):
+        super().__init__()
+        self.how = how
+        self.shape = [1, -1] + [1] * (rank - 2) if channel_axis == 1 else [-1]
+        self.dims = [d for d in range(rank) if d != channel_axis % rank]
+        if how == "ema":
+            self.register_buffer("mean", torch.empty(c).uniform_(-0.5, 0.5))
+        else:
+            self.register_buffer("calls", torch.ones(3 if how == "view" else ()))
+
+    def forward(self, y):
+        if self.how == "ema":
+            self.mean.mul_(0.5).add_(0.5 * y.detach().mean(self.dims))
+            return y - self.mean.view(self.shape)
+        if self.how == "add_":
+            self.calls.add_(1)
+        elif self.how == "iadd":
+            self.calls += 1
+        else:  # a write through a view: the buffer changes though no op names it
+            self.calls[1:].add_(1)
+            return y * self.calls[-1]
+        return y * self.calls
+
+
+def build_stateful(spec, shape):
+    if spec["linear"]:  # (N, F) or (N, L, F): features last; images (N, C, ...): channels at axis 1
+        mods = {"layer": nn.Linear(shape[-1], spec["out"])}
+        if spec.get("bn") and len(shape) == 2:
+            mods["bn"] = bn_for(1, spec["out"])
+        mods["state"] = Stateful(spec["how"], spec["out"], -1, len(shape))
+        return nn.ModuleDict(mods)
+    dim = len(shape) - 2
+    mods = {"layer": CONV[dim](shape[1], spec["out"], 1)}
+    if spec.get("bn"):
+        mods["bn"] = bn_for(dim, spec["out"])
+    mods["state"] = Stateful(spec["how"], spec["out"], 1, len(shape))
+    return nn.ModuleDict(mods)
+
+
+def apply_stateful(mods, spec, x):
+    y = mods["layer"](x)
+    y = mods["bn"](y) if "bn" in mods else y
+    return mods["state"](y)
+
+
 def _none(spec, shape):
     return nn.ModuleDict()
 
 
 _KINDS = ["conv", "branches", "chain", "residual", "cat", "shared", "tied", "readtwice", "mutate", "flatten_fc",
           "view", "to_vec", "to_seq", "bn_only", "affine", "act", "control", "linear", "linchain", "lora", "layernorm",
-          "ws_conv", "bn_view", "lin_bn_view", "lin_prep_bn"]
+          "ws_conv", "bn_view", "lin_bn_view", "lin_prep_bn", "stateful"]
 _NO_MODULES = {"view", "to_seq", "control"}  # blocks with a forward and nothing to build
 
 BUILD = {k: _none if k in _NO_MODULES else globals()[f"build_{k}"] for k in _KINDS}

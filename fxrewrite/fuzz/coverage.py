@@ -48,7 +48,7 @@ def block_constructs(spec: dict, rank: int, index: int) -> set[str]:
         out |= {"branch:unmergeable_geometry" for b in spec["branches"][1:] if _unaligned(b, stride)}
         out |= {"avgpool:count_include_pad=False" for b in spec["branches"] if b["kind"] == "avgpool" and not b["cip"]}
     variant = {"residual": "add", "mutate": "how", "view": "how", "affine": "kind", "cat": "with_input", "chain": "pad",
-               "ws_conv": "how", "lin_bn_view": "how"}
+               "ws_conv": "how", "lin_bn_view": "how", "stateful": "how"}
     if op in variant:
         out.add(f"{op}:{spec[variant[op]]}")
     if op == "mutate":

@@ -210,6 +210,17 @@ def gen_control(r: random.Random, shape: list, flags: dict):
     return {"op": "control", "thresh": r.choice([3, 4, 6, 100])}, list(shape)
 
 
+def gen_stateful(r: random.Random, shape: list, flags: dict, linear: bool = False):
+    """A conv (images) or linear whose output a buffer the block writes each call scales or shifts."""
+    spec = {"op": "stateful", "how": r.choice(["add_", "iadd", "view", "ema"]), "out": _channels(r),
+            "bn": r.random() < 0.6, "linear": linear}
+    return spec, shape[:-1] + [spec["out"]] if linear else [shape[0], spec["out"]] + list(shape[2:])
+
+
+def gen_lin_stateful(r: random.Random, shape: list, flags: dict):
+    return gen_stateful(r, shape, flags, linear=True)
+
+
 # ------------------------------------------------------------------ multi-branch blocks (2-D)
 
 def _branch_geometry(r: random.Random, kind: str, stride: int, aligned: bool):
@@ -324,10 +335,10 @@ def gen_lin_affine(r: random.Random, shape: list, flags: dict):
 IMAGE_OPS = [(gen_conv, 6), (gen_convT, 3.5), (gen_branches, 15), (gen_chain, 2), (gen_residual, 2), (gen_cat, 2),
              (gen_shared, 1), (gen_tied, 1), (gen_readtwice, 1), (gen_mutate, 3.5), (gen_flatten_fc, 3.5),
              (gen_view, 2), (gen_to_vec, 1), (gen_to_seq, 1.5), (gen_bn_only, 1), (gen_affine, 3), (gen_act, 1),
-             (gen_control, 0.5), (gen_ws_conv, 2), (gen_bn_view, 1.5)]
+             (gen_control, 0.5), (gen_ws_conv, 2), (gen_bn_view, 1.5), (gen_stateful, 1)]
 LINEAR_OPS = [(gen_linear, 5), (gen_linchain, 2), (gen_lora, 2), (gen_layernorm, 4), (gen_lin_residual, 1),
               (gen_lin_affine, 2), (gen_act, 1), (gen_control, 0.5), (gen_lin_bn_view, 1.5),
-              (gen_lin_prep_bn, 1.5)]
+              (gen_lin_prep_bn, 1.5), (gen_lin_stateful, 1)]
 
 
 def _input(r: random.Random) -> tuple[str, list]:
