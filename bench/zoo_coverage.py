@@ -42,7 +42,11 @@ def render(rows, onnx: bool, seconds: float) -> str:
              "rewrite's own error, rtol 1e-10; reported, not counted in the pass rate: a graph that fixed float32 "
              "in a cast or a capture-time constant cannot run in float64 as the model does; for a partially optimized "
              "model, also the optimized parts' own outputs in the same run, apart from the sorting, top-k and "
-             "NMS after them, which reorder outputs that tie in the reference); the ONNX check "
+             "NMS after them, which reorder outputs that tie in the reference). Where a partially optimized model's "
+             "final output fails while its parts agree, the row also gives how far the reference itself moves "
+             "when the outputs of those parts are multiplied by 1 + noise of the parts' measured size "
+             "(`tests/zoo/check.py: reference_sensitivity`, worst of 3 draws): post-processing that turns "
+             "last-bit changes into other detections, whoever makes them. The ONNX check "
              "compares onnxruntime (CPU) with the original PyTorch model.", "",
              "| model | captured by | " + " | ".join(steps) + " | convs before -> after | norms before -> after "
              "| rewrites | max rel err | float64 | float64 rel err | s |",
