@@ -88,7 +88,7 @@ def backend_for(inputs: list[torch.Tensor]) -> str:
     """'triton' or 'reference' for these tensors (see the module docstring): 'triton' when they
     all sit on one device a kernel runs on and have dtypes a kernel takes. The environment is
     read on every call (tests and users may change it between calls). On every region call, so
-    written for speed: cheap tensor attributes only (`.device` costs ~1 µs, `is_cuda` 0.05)."""
+    written for speed: cheap tensor attributes only (`.device.type` costs ~0.5 µs, `is_cuda` 0.05)."""
     if not inputs or _env("FXREWRITE_CODEGEN") == "reference":
         return "reference"
     first = inputs[0]
@@ -400,7 +400,8 @@ _function_modes = torch._C._is_torch_function_mode_enabled
 def _direct_ok(inputs) -> bool:
     """True when calling the op would only add dispatch: every input a real tensor (no fake,
     functional or subclass tensor, no fx Proxy), no gradient to record, and no compiler, tracer
-    or Python mode active. (The checks bound once: module attribute look-ups are a tenth of it.)"""
+    or Python mode active. (The checks are bound once: the module attribute look-ups cost ~0.15 µs
+    of the ~0.85 µs this takes for two inputs.)"""
     grad = _grad_enabled()
     for t in inputs:
         if type(t) not in _PLAIN_TENSORS or (grad and t.requires_grad):

@@ -84,13 +84,18 @@ def _reason(e: BaseException) -> str:
 
 def _fresh(inputs):
     """Inputs of the same structure, with fresh random floating tensors (integer ones kept)."""
-    if isinstance(inputs, torch.Tensor):
-        return torch.randn_like(inputs) if inputs.is_floating_point() else inputs
-    if isinstance(inputs, dict):
-        return {k: _fresh(v) for k, v in inputs.items()}
-    if isinstance(inputs, (list, tuple)):
-        return type(inputs)(_fresh(v) for v in inputs)
-    return inputs
+    return _map_floating(inputs, torch.randn_like)
+
+
+def _map_floating(value, fn):
+    """`value` (tensors in dicts, lists, tuples) with `fn` applied to each floating tensor."""
+    if isinstance(value, torch.Tensor):
+        return fn(value) if value.is_floating_point() else value
+    if isinstance(value, dict):
+        return type(value)((k, _map_floating(v, fn)) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return type(value)(_map_floating(v, fn) for v in value)
+    return value
 
 
 def run_one(entry: ZooModel, onnx: bool = True) -> dict:
@@ -188,13 +193,15 @@ def reference_sensitivity(model, inputs, parts: list[str], rel: float, float64: 
     turn a change in the last bits into other detections whoever makes the change: this says
     how much of a partially optimized model's final deviation the reference shows by itself."""
     from fxrewrite.rewrite.capture import as_args
+    from fxrewrite.rewrite.clone import clone_inputs
     from fxrewrite.rewrite.verify import compare, copy_model
     ref = copy_model(model).double() if float64 else model
-    args, kwargs = as_args(_cast(inputs, torch.float64) if float64 else inputs)
+    args, kwargs = as_args(clone_inputs(inputs, double=float64))
     g = torch.Generator().manual_seed(0)
 
     def noisy(module, args, out):
-        return _perturbed(out, rel, g)
+        return _map_floating(out, lambda t: t * (1 + rel * torch.randn(t.shape, generator=g, dtype=torch.float64)
+                                                 .to(t.dtype)))
     worst = 0.0
     with torch.no_grad():
         clean = ref(*args, **kwargs)
@@ -207,26 +214,6 @@ def reference_sensitivity(model, inputs, parts: list[str], rel: float, float64: 
                     h.remove()
             worst = max(worst, compare(clean, out, rtol=1e-10).max_rel)
     return worst
-
-
-def _perturbed(value, rel: float, g: torch.Generator):
-    if isinstance(value, torch.Tensor) and value.is_floating_point():
-        return value * (1 + rel * torch.randn(value.shape, generator=g, dtype=torch.float64).to(value.dtype))
-    if isinstance(value, dict):
-        return type(value)((k, _perturbed(v, rel, g)) for k, v in value.items())
-    if isinstance(value, (list, tuple)):
-        return type(value)(_perturbed(v, rel, g) for v in value)
-    return value
-
-
-def _cast(inputs, dtype):
-    if isinstance(inputs, torch.Tensor):
-        return inputs.to(dtype) if inputs.is_floating_point() else inputs
-    if isinstance(inputs, dict):
-        return {k: _cast(v, dtype) for k, v in inputs.items()}
-    if isinstance(inputs, (list, tuple)):
-        return type(inputs)(_cast(v, dtype) for v in inputs)
-    return inputs
 
 
 def _exports(model, x, path) -> bool:
