@@ -291,18 +291,15 @@ def _summary(e: BaseException) -> str:
 def lowered_decompositions(model: nn.Module) -> dict:
     """{op: eager meaning} for this library's own ops found in `model`'s graph, which ONNX has no
     translation for. Today: `fxrewrite.fused_region` (Triton-lowered regions, `codegen`), whose
-    meaning is its eager reference (`codegen.reference.run_reference`), made of ATen ops."""
+    meaning is its eager reference (`codegen.compiled.traced_reference`), made of ATen ops."""
     graph = getattr(model, "graph", None)
     if graph is None or not any(n.op == "call_function" and _is_region_target(n.target) for n in graph.nodes):
         return {}
-    import json
-
-    from .codegen.reference import run_reference
+    from .codegen.compiled import traced_reference
     from .codegen.runtime import OP
 
-    def fused_region(spec, inputs):
-        outs = run_reference(json.loads(spec), inputs)
-        return [t.clone() if any(t is i for i in inputs) else t for t in outs]  # a graph output may not be an input
+    def fused_region(spec, inputs, build=""):
+        return traced_reference(spec, inputs)  # (outputs never alias inputs: a graph output may not be an input)
     return {OP: fused_region}
 
 

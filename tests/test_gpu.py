@@ -168,3 +168,45 @@ def test_cuda_graphs_replay_the_lowered_module_per_shape():
         assert all(torch.equal(a, b) for a, b in zip(first, kept))  # cloned outputs
     out = graphed(*[x.clone().requires_grad_() for x in xs])  # with gradients: eager, not a graph
     assert out[1].requires_grad and graphed.captures == 5
+
+
+def test_torch_compile_launches_the_region_kernel_itself():
+    """Under Inductor a lowered region is its generated kernel in the compiled code (the op
+    decomposes to a `wrap_triton` launch, `codegen.compiled`): no `fxrewrite::fused_region` call
+    in the profile, the kernel among the CUDA kernels, values as eager, for a second row count
+    too (dynamic), and gradients through the compiled module as eager's."""
+    from fxrewrite.codegen import emit, ir
+    from fxrewrite.codegen.runtime import is_region_call
+    model = _random(AddRMSSiLU(1024)).cuda().to(torch.bfloat16).eval()
+    xs = _inputs(AddRMSSiLU, 128, 1024, torch.bfloat16)
+    fast = optimize(model, xs, lower="triton")
+    [call] = [n for n in fast.graph.nodes if is_region_call(n)]
+    name = emit.kernel_name(ir.loads(call.args[0]))
+    torch._dynamo.reset()
+    fn = torch.compile(fast, dynamic=True)
+    acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.no_grad():
+        fn(*xs)
+        with torch.profiler.profile(activities=acts) as prof:
+            fn(*xs)
+            torch.cuda.synchronize()
+        names = [e.key for e in prof.key_averages()]
+        assert not any("fxrewrite::fused_region" in n for n in names), names
+        assert any(name in n for n in names), (name, names)
+        for rows in (128, 37):
+            ins = xs if rows == 128 else _inputs(AddRMSSiLU, rows, 1024, torch.bfloat16)
+            for g, w in zip(fn(*ins), model(*ins)):
+                torch.testing.assert_close(g.float(), w.float(), rtol=2e-2, atol=2e-2)
+    model32 = _random(AddRMSSiLU(768)).cuda()
+    xs32 = _inputs(AddRMSSiLU, 32, 768, torch.float32)
+    fast32 = optimize(model32, xs32, lower="triton")
+    torch._dynamo.reset()
+    fn32 = torch.compile(fast32)
+    grads = []
+    for m in (model32, fn32):
+        leaves = [x.clone().requires_grad_() for x in xs32]
+        sum(o.float().sum() for o in m(*leaves)).backward()
+        grads.append([x.grad for x in leaves])
+    for g, w in zip(*grads):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
+    torch._dynamo.reset()

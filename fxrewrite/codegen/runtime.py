@@ -198,11 +198,14 @@ def choose_config(M: int, N: int, ct: str, has_stats: bool):
     """(mode, BLOCK_N, ROWS, num_warps). One pass over memory when a row fits in registers
     (N <= 8192 in float32, 4096 in float64); several rows per program for small N."""
     max_single = 8192 if ct == "float32" else 4096
+    N = int(N)  # a symbolic row width (traced for torch.compile) is specialised: it picks the kernel
     if N <= max_single:
         mode, block = "single", _next_pow2(N)
     else:
         mode, block = "loop", max_single // 2
-    rows = max(1, min(64, 2048 // block, _next_pow2(M)))
+    # ROWS is a tuning choice, not a correctness one (rows past M are masked): a symbolic M
+    # (dynamic batch or sequence length) gets the large-M choice rather than a guard on its value
+    rows = max(1, min(64, 2048 // block, _next_pow2(M) if isinstance(M, int) else 64))
     warps = min(16, max(1, rows * block // 512))
     return mode, block, rows, warps
 
@@ -269,8 +272,14 @@ def launch_args(spec_text: str, inputs: list[torch.Tensor], config=None):
     if hit is None:
         hit = _plan_launch(spec_text, inputs, config, target)
         _LAUNCHES.put(key, hit)
-    kernel, grid, ints, domain, out_dtypes, consts, copies, likes = hit
-    outs = [torch.empty(domain, dtype=dt, device=first.device) if i is None else torch.empty_like(inputs[i])
+    return bind(hit, inputs)
+
+
+def bind(plan, inputs: list[torch.Tensor]):
+    """(kernel, grid, args, kwargs, outputs) of a launch plan (`_plan_launch`) for these inputs:
+    the outputs allocated, the inputs that need it materialised."""
+    kernel, grid, ints, domain, out_dtypes, consts, copies, likes = plan
+    outs = [torch.empty(domain, dtype=dt, device=inputs[0].device) if i is None else torch.empty_like(inputs[i])
             for i, dt in zip(likes, out_dtypes)]
     if kernel is None:
         return None, None, (), {}, outs
@@ -325,13 +334,15 @@ def run(spec_text: str, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
 # ---------------------------------------------------------------- the op
 
 @torch.library.custom_op("fxrewrite::fused_region", mutates_args=())
-def fused_region(spec: str, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
-    """A fused norm + elementwise region (see `codegen`); `spec` is the region's IR as JSON."""
+def fused_region(spec: str, inputs: list[torch.Tensor], build: str = "") -> list[torch.Tensor]:
+    """A fused norm + elementwise region (see `codegen`); `spec` is the region's IR as JSON.
+    `build` does not change the result: under torch.compile it names what the op compiles to
+    (`compiled.build_tag`), so that compile caches keyed by the captured graph tell builds apart."""
     return run(spec, list(inputs))
 
 
 @fused_region.register_fake
-def _fused_region_fake(spec: str, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+def _fused_region_fake(spec: str, inputs: list[torch.Tensor], build: str = "") -> list[torch.Tensor]:
     s = loads(spec)
     shapes = []
     for t, meta in zip(inputs, s["inputs"]):
@@ -341,7 +352,7 @@ def _fused_region_fake(spec: str, inputs: list[torch.Tensor]) -> list[torch.Tens
 
 
 def _setup_context(ctx, inputs, output):
-    spec, tensors = inputs
+    spec, tensors = inputs[:2]
     ctx.spec = spec
     ctx.needs = [t.requires_grad and t.is_floating_point() for t in tensors]
     ctx.save_for_backward(*tensors)
@@ -354,7 +365,7 @@ def _backward(ctx, grads):
     if backend_for(list(tensors)) == "triton":
         got = run_backward(ctx.spec, list(tensors), list(grads), ctx.needs)
         if got is not None:
-            return None, got
+            return None, got, None
     spec = loads(ctx.spec)
     with torch.enable_grad():
         leaves = [t.detach().requires_grad_(n) for t, n in zip(tensors, ctx.needs)]
@@ -362,9 +373,9 @@ def _backward(ctx, grads):
         pairs = [(o, g) for o, g in zip(outs, grads) if g is not None and o.requires_grad]
         wrt = [x for x, n in zip(leaves, ctx.needs) if n]
         if not pairs or not wrt:
-            return None, [None] * len(tensors)
+            return None, [None] * len(tensors), None
         got = iter(torch.autograd.grad([o for o, _ in pairs], wrt, [g for _, g in pairs], allow_unused=True))
-    return None, [next(got) if n else None for n in ctx.needs]
+    return None, [next(got) if n else None for n in ctx.needs], None
 
 
 fused_region.register_autograd(_backward, setup_context=_setup_context)
@@ -389,6 +400,8 @@ def call_region(spec: str, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
     (FlopCounterMode, profilers' modes) and autograd need to see. Both run the same `run`."""
     if _direct_ok(inputs):
         return run(spec, inputs)
+    if _is_compiling():
+        return OP(spec, inputs, compiled.build_tag())
     return OP(spec, inputs)
 
 
@@ -413,3 +426,6 @@ def is_region_call(node) -> bool:
     """An FX node that runs a fused region: `call_region` (lowering's output) or the op itself
     (what a re-trace of a lowered graph, torch.export or Dynamo records)."""
     return node.op == "call_function" and (node.target is call_region or node.target is OP)
+
+
+from . import compiled  # noqa: E402,F401  (registers how the op decomposes under torch.compile)
