@@ -9,12 +9,13 @@
 # Stages: tests (tests/test_gpu.py + the CUDA runs of the codegen tests), norm (bench/gpu_norm.py
 # at large shapes), decode (gpu_norm.py at 1..64 rows: launch included), host (host_overhead.py
 # on CUDA and, with TRITON_INTERPRET=1, on this machine's CPU), glu (bench/gpu_glu.py),
-# backward (bench/gpu_norm_backward.py). Uses the installed torch/triton; the repo needs no
+# backward (bench/gpu_norm_backward.py), compiled (bench/compiled_regions.py on CUDA: regions
+# inside Inductor's code, against Inductor alone and the opaque op). Uses the installed torch/triton; the repo needs no
 # install (PYTHONPATH is set to it).
 set -u
 out=${1:?usage: bash bench/gpu_all.sh OUT_DIR [stages...]}
 shift
-stages=${*:-tests norm decode host glu backward}
+stages=${*:-tests compiled norm decode host glu backward}
 mkdir -p "$out"
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -42,7 +43,7 @@ for s in $stages; do
     tests)
         stage test_gpu 150 python -m pytest -q -p no:cacheprovider tests/test_gpu.py
         stage test_codegen_cuda 150 python -m pytest -q -p no:cacheprovider -x tests/test_codegen.py \
-            tests/test_host_overhead.py $(ls tests/test_codegen_glu.py tests/test_codegen_backward.py 2>/dev/null) ;;
+            tests/test_host_overhead.py tests/test_codegen_compiled.py $(ls tests/test_codegen_glu.py tests/test_codegen_backward.py 2>/dev/null) ;;
     norm)
         stage gpu_norm 200 python bench/gpu_norm.py --M 4096 32768 --N 1024 4096 --rep 100 --wall-rounds 11 \
             --json "$out/gpu_norm.json" ;;
@@ -57,6 +58,8 @@ for s in $stages; do
         [ -f bench/gpu_glu.py ] && stage gpu_glu 150 python bench/gpu_glu.py ;;
     backward)
         [ -f bench/gpu_norm_backward.py ] && stage gpu_norm_backward 150 python bench/gpu_norm_backward.py ;;
+    compiled)
+        stage compiled_regions_cuda 200 python bench/compiled_regions.py --device cuda --rounds 31 ;;
     *) echo "unknown stage $s" ;;
     esac
 done

@@ -26,7 +26,9 @@ Options, through `torch.compile(model, backend="rewrite", options={...})`:
     lower     None or "triton" (generated Triton kernels for fused regions, `codegen`)
     layout    None or "channels_last" (checked on Dynamo's example inputs, as in `optimize`)
     inplace   False (default: the final compiler plans buffers) or True
-    compiler  "inductor" (default), "eager", or a callable `(gm, example_inputs) -> callable`
+    compiler  "inductor" (default), "eager", "aot_eager" (AOTAutograd's graphs run eagerly:
+              what Inductor is handed, without Inductor; lowered regions decompose there as
+              under Inductor, `codegen.compiled`), or a callable `(gm, example_inputs) -> callable`
     verbose   print each graph's report table to stderr
 The report of every compiled graph is kept in `REPORTS` (most recent last; `last_report()`).
 
@@ -128,13 +130,15 @@ def _final_compiler(choice, mode):
         return choice
     if choice == "eager":
         return lambda gm, inputs: gm.forward
+    if choice == "aot_eager":
+        return torch._dynamo.lookup_backend("aot_eager")
     if choice == "inductor":
         def inductor(gm, inputs):
             from torch._inductor.compile_fx import compile_fx
             patches = torch._inductor.list_mode_options(mode) if mode else None
             return compile_fx(gm, inputs, config_patches=patches) if patches else compile_fx(gm, inputs)
         return inductor
-    raise ValueError(f"rewrite backend: compiler must be 'inductor', 'eager' or a callable, not {choice!r}")
+    raise ValueError(f"rewrite backend: compiler must be 'inductor', 'eager', 'aot_eager' or a callable, not {choice!r}")
 
 
 def _remember(report: Report):

@@ -13,6 +13,7 @@ from fxrewrite.fuzz.shrink import reproduction, shrink
 SLICE = range(0, 120)
 SLICE_OPTIONS = ["default", "inplace_off", "channels_last", "triton"]
 BACKEND_SEEDS = range(0, 4)  # torch.compile costs ~0.4 s a case: a few only
+COMPILED_TRITON_SEEDS = (2, 8, 11)  # programs with a lowered region (they decompose under AOTAutograd)
 
 # every construct the grammar must draw over the slice
 REQUIRED = {
@@ -36,7 +37,8 @@ KNOWN = {}
 @pytest.fixture(scope="module")
 def slice_results():
     results = [run_case(s, SLICE_OPTIONS[s % len(SLICE_OPTIONS)]) for s in SLICE]
-    return results + [run_case(s, "backend") for s in BACKEND_SEEDS]
+    return (results + [run_case(s, "backend") for s in BACKEND_SEEDS]
+            + [run_case(s, "compiled_triton") for s in COMPILED_TRITON_SEEDS])
 
 
 def test_slice_is_clean(slice_results):
@@ -127,3 +129,14 @@ def test_shrinker_keeps_the_class_and_shrinks(monkeypatch):
 def test_programs_are_reproducible():
     assert generate(7) == generate(7)
     assert constructs(generate(7)) == constructs(generate(7))
+
+
+def test_a_wrong_compiled_region_is_reported(monkeypatch):
+    """The compiled_triton option checks what a lowered region decomposes into under
+    AOTAutograd: a decomposition 1% off is a mismatch on the slice's region seeds."""
+    import fxrewrite.codegen.compiled as compiled
+    real = compiled.traced_reference
+    monkeypatch.setattr(compiled, "traced_reference", lambda spec, inputs: [t * 1.01 for t in real(spec, inputs)])
+    for seed in COMPILED_TRITON_SEEDS:
+        res = run_case(seed, "compiled_triton")
+        assert "mismatch" in res.failures, (seed, res.failures)

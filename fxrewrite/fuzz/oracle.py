@@ -35,11 +35,14 @@ from fxrewrite.rewrite.verify import flatten_outputs
 from .grammar import generate
 from .model import build_model, check_runs, make_inputs
 
-ROTATION = ["default", "inplace_off", "channels_last", "triton", "backend", "quantize_prep"]
+ROTATION = ["default", "inplace_off", "channels_last", "triton", "backend", "quantize_prep", "compiled_triton"]
 OPTIONS = {"default": {}, "inplace_off": {"inplace": False}, "channels_last": {"layout": "channels_last"},
            "quantize_prep": {"passes": "quantize_prep"},  # the opt-in exact passes: lift_norms, fold_norm_affine
-           "triton": {"lower": "triton"}, "backend": {"compiler": "eager"}, "inductor": {"compiler": "inductor"}}
-COMPILED = ("backend", "inductor")
+           "triton": {"lower": "triton"}, "backend": {"compiler": "eager"}, "inductor": {"compiler": "inductor"},
+           # lowered regions inside AOTAutograd's graphs, where they decompose (`codegen.compiled`)
+           "compiled_triton": {"compiler": "aot_eager", "lower": "triton"}}
+COMPILED = ("backend", "inductor", "compiled_triton")
+LOWERED = ("triton", "compiled_triton")
 FRESH = ("fresh", "fresh2")
 
 
@@ -111,7 +114,7 @@ def _check(program: dict, option: str, verify64: bool, res: CaseResult):
     # lowered kernels round ('rounding', not 'exact'); a cast to a fixed dtype stays one in the
     # float64 replay (and in the float64 reference), which rounds there. Before any call of
     # `fast`: a model that writes its buffers is compared from the same state as the user's
-    if verify64 and option not in COMPILED and option != "triton" and not _casts(program):
+    if verify64 and option not in COMPILED and option not in LOWERED and not _casts(program):
         _verify64(model, fast, program, res)
     if not _outputs_ok(fast, program, _expected(program, seen), res, "mismatch", "crash_run"):
         return
@@ -212,7 +215,7 @@ def _outputs_ok(fast, program: dict, expected: dict, res: CaseResult, cls: str, 
 def _rounds_in(program: dict, option: str) -> torch.dtype | None:
     """float32 for a lowered float64 program that casts to float32 (a norm block computed in
     float32): the kernel computes that norm in float32 too, rounding its own way there."""
-    if option == "triton" and program["dtype"] == "float64" and _casts(program):
+    if option in LOWERED and program["dtype"] == "float64" and _casts(program):
         return torch.float32
     return None
 
