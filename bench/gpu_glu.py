@@ -121,8 +121,10 @@ def ran_kernel(fast, xs) -> bool:
     calls = []
 
     def spy(*a, **k):
-        calls.append(1)
-        return real(*a, **k)
+        outs = real(*a, **k)
+        if outs is not None:  # None: the inputs took the eager reference
+            calls.append(1)
+        return outs
 
     runtime.run_triton = spy
     try:

@@ -13,7 +13,7 @@ all of them), under `torch.no_grad()` (inference), each timed call alone:
 
   call      `runtime.call_region(spec, inputs)`: the call the lowered graph makes; on a plain
             eager call (real tensors, no gradient to record, no compiler, tracer or mode) it
-            runs the launcher directly (backend choice, launch-plan cache, output allocation,
+            runs the launcher directly (launch-plan cache, which also holds the backend choice, output allocation,
             launch)
   op        `torch.ops.fxrewrite.fused_region.default(spec, inputs)`: the custom op, which
             compile, export, dispatch modes and autograd go through (dispatcher, custom-op

@@ -564,6 +564,34 @@ def test_eager_fallback_without_interpreter(monkeypatch, launches):
     assert all(o.data_ptr() not in (xs[0].data_ptr(), xs[1].data_ptr()) for o in out)
 
 
+@needs_kernel
+def test_the_cached_backend_choice_follows_dtypes_and_the_environment(monkeypatch, launches):
+    """The backend choice is cached with the launch plan: a call with an input of a dtype no
+    kernel takes, after kernel calls with the same shapes, takes the reference, and so does a
+    call after FXREWRITE_CODEGEN=reference is set; unset again, the kernel runs again."""
+    xs = [torch.randn(3, 48, device=DEVICE) for _ in range(2)]
+    model = randomise(AddRMS2(48)).to(DEVICE).eval()
+    fast = optimize(model, xs, lower="triton")
+    with torch.no_grad():
+        fast(*xs)
+        assert len(launches) == 1
+        ints = [torch.randint(-3, 3, (3, 48), device=DEVICE) for _ in range(2)]  # int64: no kernel
+        [call] = fused_calls(fast)
+        spec = call.args[0]
+        weight = fast.get_parameter("norm.weight")
+        assert runtime.run_triton(spec, [ints[0], xs[1], weight]) is None
+        runtime.call_region(spec, [ints[0], xs[1], weight])
+        assert len(launches) == 1
+        monkeypatch.setenv("FXREWRITE_CODEGEN", "reference")
+        got = fast(*xs)
+        assert len(launches) == 1
+        monkeypatch.delenv("FXREWRITE_CODEGEN")
+        again = fast(*xs)
+        assert len(launches) == 2
+    for g, w in zip(flat(got), flat(again)):
+        close(g, w, torch.float32)
+
+
 def test_bad_spec_is_rejected_clearly():
     spec = ir.loads(_small_spec())
     bad = dict(spec, nodes=[dict(spec["nodes"][0], op="nope")] + spec["nodes"][1:])

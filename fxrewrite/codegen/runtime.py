@@ -87,8 +87,9 @@ _KERNEL_DTYPES = frozenset(DTYPES.values())  # the torch dtypes a kernel takes (
 def backend_for(inputs: list[torch.Tensor]) -> str:
     """'triton' or 'reference' for these tensors (see the module docstring): 'triton' when they
     all sit on one device a kernel runs on and have dtypes a kernel takes. The environment is
-    read on every call (tests and users may change it between calls). On every region call, so
-    written for speed: cheap tensor attributes only (`.device.type` costs ~0.5 µs, `is_cuda` 0.05)."""
+    read on every call (tests and users may change it between calls). A region call asks it once
+    per launch plan (`launch_args` caches the verdict with the plan: its key holds everything
+    read here but the environment, which `run` and `launch_args` read per call)."""
     if not inputs or _env("FXREWRITE_CODEGEN") == "reference":
         return "reference"
     first = inputs[0]
@@ -234,13 +235,17 @@ def get_kernel(spec_text: str, launch: emit.Launch):
 _LAUNCHES = LRU(CACHE_SIZE)
 
 
-def run_triton(spec_text: str, inputs: list[torch.Tensor], config=None) -> list[torch.Tensor]:
-    """Launch the generated kernel. `config` overrides (mode, BLOCK_N, ROWS, num_warps).
+def run_triton(spec_text: str, inputs: list[torch.Tensor], config=None) -> list[torch.Tensor] | None:
+    """Launch the generated kernel; None, launching nothing, when these inputs cannot run one
+    (`backend_for`). `config` overrides (mode, BLOCK_N, ROWS, num_warps).
 
     The launch (kernel, grid, integer arguments) is a function of the spec and the inputs'
     shapes, strides, dtypes and the target only, so it is planned once and cached: a repeated
     call costs the cache look-up, the output allocation and Triton's own launch (`launch_args`)."""
-    kernel, grid, args, consts, outs = launch_args(spec_text, inputs, config)
+    launch = launch_args(spec_text, inputs, config)
+    if launch is None:
+        return None
+    kernel, grid, args, consts, outs = launch
     if kernel is not None:
         first = inputs[0]
         if first.is_cuda and first.get_device() != torch.cuda.current_device():
@@ -251,27 +256,44 @@ def run_triton(spec_text: str, inputs: list[torch.Tensor], config=None) -> list[
     return outs
 
 
+_NO_KERNEL = "no kernel"  # a cached plan for inputs that take the reference (`backend_for`)
+
+
 def launch_args(spec_text: str, inputs: list[torch.Tensor], config=None):
     """(kernel, grid, args, kwargs, outputs): the launch `run_triton` makes for these inputs,
     `kernel[grid](*args, **kwargs)`, which writes `outputs` (freshly allocated here, and the
     last of `args` before the integer arguments). kernel is None (nothing to launch) for an empty
-    domain.
+    domain; the whole answer is None when these inputs cannot run a kernel (`backend_for`).
 
-    The plan is cached by (spec text, config, target, per input: shape, strides, dtype). It holds
-    no tensors and nothing device-specific (Triton keeps its binaries per device): inputs that
-    must be materialised are listed as (index, channel_view) and copied again from each call's
-    tensors (a cached copy would be the first call's values). CPU tensors can only run in
+    The plan is cached by (spec text, config, target, per input: shape, strides, dtype, device
+    index or CPU-ness). It holds no tensors and nothing device-specific (Triton keeps its
+    binaries per device): inputs that must be materialised are listed as (index, channel_view)
+    and copied again from each call's tensors (a cached copy would be the first call's values).
+    `backend_for`'s verdict is a function of that key, so it is cached with the plan instead of
+    being re-checked per call (~0.4 µs of a decode-shape call). CPU tensors can only run in
     Triton's interpreter, so only CUDA tensors read TRITON_INTERPRET to pick the target."""
     first = inputs[0]
-    target = "cuda" if first.is_cuda and not use_interpreter() else "interpreter"
-    key = [spec_text, config, target]
-    for t in inputs:  # (a flat key: ~0.2 µs less than a tuple per input)
-        key += (t.shape, t.stride(), t.dtype)
+    if first.is_cuda:
+        target = "interpreter" if use_interpreter() else "cuda"
+        key = [spec_text, config, target]
+        for t in inputs:  # (a flat key: ~0.2 µs less than a tuple per input)
+            key += (t.shape, t.stride(), t.dtype, t.get_device())
+    elif first.is_cpu and use_interpreter():
+        target = "interpreter"
+        key = [spec_text, config, target]
+        for t in inputs:
+            key += (t.shape, t.stride(), t.dtype, t.is_cpu)
+    else:
+        return None
+    if not (_TRITON_IMPORTED or triton_available()):
+        return None
     key = tuple(key)
     hit = _LAUNCHES.get(key)
     if hit is None:
-        hit = _plan_launch(spec_text, inputs, config, target)
+        hit = _plan_launch(spec_text, inputs, config, target) if backend_for(inputs) == "triton" else _NO_KERNEL
         _LAUNCHES.put(key, hit)
+    if hit is _NO_KERNEL:
+        return None
     return bind(hit, inputs)
 
 
@@ -324,10 +346,13 @@ def triton_cdiv(a: int, b: int) -> int:
 
 
 def run(spec_text: str, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
-    """The op's implementation: Triton where it can run, the eager reference elsewhere. The
-    spec text is parsed only for the reference: a kernel's launch plan is cached by it."""
-    if backend_for(inputs) == "triton":
-        return run_triton(spec_text, inputs)
+    """The op's implementation: Triton where it can run (`backend_for`, decided with the cached
+    launch plan), the eager reference elsewhere. The spec text is parsed only for the
+    reference: a kernel's launch plan is cached by it."""
+    if inputs and _env("FXREWRITE_CODEGEN") != "reference":
+        outs = run_triton(spec_text, inputs)
+        if outs is not None:
+            return outs
     return fresh_outputs(run_reference(loads(spec_text), inputs), inputs)
 
 
