@@ -200,3 +200,57 @@ def test_cuda_region_traces_to_its_kernel(monkeypatch, dynamic):
     assert (kwargs["ROWS"] == 64) if dynamic else (kwargs["ROWS"] == consts["ROWS"])
     if not dynamic:
         assert tuple(launch.kwargs["grid"][0])[:1] == grid
+
+
+def _region_calls(model, xs, monkeypatch):
+    """(spec, inputs) of every region call one eager run of the lowered model makes."""
+    fast = optimize(model.eval(), xs, lower="triton")
+    seen, run = [], runtime.run
+    monkeypatch.setattr(runtime, "run", lambda spec, inputs: seen.append((spec, list(inputs))) or run(spec, inputs))
+    with torch.no_grad():
+        fast(*xs)
+    monkeypatch.setattr(runtime, "run", run)
+    return seen
+
+
+def _kinds():
+    """Region kinds of the codegen tests: prologue and epilogue, two outputs, LayerNorm, DyT +
+    SmeLU, per-channel BatchNorm, a half-precision cast, a GLU on the two halves of one
+    projection (strided views), a broadcast residual, a transposed (materialised) input."""
+    from test_codegen import AddRMS2, BNRelu, CastNorm, DyTSmeLU, LNGelu, RMSAct
+    from test_codegen_glu import GLU, FusedGateUp
+    x = torch.randn(2, 5, 48)
+    return {
+        "rms_prologue_epilogue": (RMSAct(48), (x, torch.randn(2, 5, 48))),
+        "add_rms_two_outputs": (AddRMS2(48), (x, torch.randn(2, 5, 48))),
+        "layernorm_gelu_broadcast_residual": (LNGelu(48), (x, torch.randn(1, 5, 48))),
+        "dyt_smelu": (DyTSmeLU(48), (x,)),
+        "batchnorm_relu": (BNRelu(6), (torch.randn(2, 6, 4, 4), torch.randn(2, 6, 4, 4))),
+        "cast_norm_bf16": (CastNorm(48, torch.bfloat16), (x.bfloat16(),)),
+        "glu_fused_gate_up": (FusedGateUp(16, 20), (torch.randn(3, 4, 16),)),
+        "glu_transposed": (GLU(), (torch.randn(48, 6).t(), torch.randn(6, 48))),
+    }
+
+
+@pytest.mark.parametrize("kind", list(_kinds()))
+def test_every_region_kind_traces_to_its_kernel_on_cuda(monkeypatch, kind):
+    """Each kind of region traces, on fake CUDA tensors of the eager call's shapes, strides and
+    dtypes, to one launch of its generated kernel with the eager plan's integer arguments."""
+    pytest.importorskip("triton")
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    model, xs = _kinds()[kind]
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.delenv("FXREWRITE_CODEGEN", raising=False)
+    calls = _region_calls(model, xs, monkeypatch)
+    assert calls, kind
+    for spec, inputs in calls:
+        with FakeTensorMode():
+            fakes = [torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="cuda") for t in inputs]
+        gm = _trace_functional(lambda *t: OP(spec, list(t)), fakes)
+        assert _region_ops(gm) == 0
+        [launch] = [n for n in gm.graph.nodes if "triton_kernel_wrapper" in str(n.target)]
+        _, grid, ints, *_ = runtime._plan_launch(spec, inputs, None, "cuda")
+        kwargs = launch.kwargs["kwargs"]
+        traced = [v for k, v in kwargs.items() if not k.startswith(("in", "out")) and k not in ("ROWS", "BLOCK_N")]
+        assert traced == list(ints), (kind, traced, ints)
+        assert tuple(launch.kwargs["grid"][0])[:1] == grid
