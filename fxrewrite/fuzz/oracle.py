@@ -184,7 +184,11 @@ def _compiled(program: dict, option: str, res: CaseResult):
         with torch.no_grad():
             compiled(make_inputs(program, "example"))
     except Exception as e:  # noqa: BLE001
-        res.fail(f"crash:{type(e).__name__}", _line(e))
+        peer = _peer_error(program, option)
+        if peer is not None and type(peer) is type(e):
+            res.rejected = f"PyTorch's own torch.compile(backend={PEERS[option]!r}) fails too: {_line(peer)}"
+        else:
+            res.fail(f"crash:{type(e).__name__}", _line(e))
         return None
     finally:
         for report in [r for r in backend.REPORTS if id(r) not in seen]:
@@ -193,6 +197,26 @@ def _compiled(program: dict, option: str, res: CaseResult):
                 if r.pass_name == "backend" and "the pipeline failed" in r.detail:
                     res.fail("backend_fallback", r.detail)
     return compiled
+
+
+PEERS = {"backend": "eager", "inductor": "inductor", "compiled_triton": "aot_eager"}  # the final compiler alone
+
+
+def _peer_error(program: dict, option: str) -> Exception | None:
+    """What torch.compile with the option's final compiler alone (no rewrite) raises on the
+    program's example (None: it runs). A crash both raise is PyTorch's, not the library's
+    (`aot_eager` replays some CPU bfloat16 BatchNorm graphs with a view its own kernel's output
+    layout does not allow, for one)."""
+    import torch._dynamo
+    torch._dynamo.reset()
+    try:
+        with torch.no_grad():
+            torch.compile(build_model(program), backend=PEERS[option])(make_inputs(program, "example"))
+    except Exception as e:  # noqa: BLE001
+        return e
+    finally:
+        torch._dynamo.reset()
+    return None
 
 
 def _outputs_ok(fast, program: dict, expected: dict, res: CaseResult, cls: str, crash: str) -> bool:
