@@ -99,6 +99,28 @@ def test_opaque_mode_and_export_keep_the_op(monkeypatch):
     torch._dynamo.reset()
 
 
+def test_decomposed_outputs_never_alias_the_inputs():
+    """A region whose outputs include an input (identity) and the same value twice: traced as
+    AOTAutograd traces it, every output is a fresh tensor, so an in-place write to one cannot
+    reach the caller's input or another output."""
+    from torch._subclasses.functional_tensor import dispatch_functionalize
+    from torch.fx.experimental.proxy_tensor import make_fx
+    b = ir.SpecBuilder()
+    x, w = b.input("x", torch.float32), b.input("w", torch.float32)
+    same = b.node("identity", [x], {}, torch.float32)
+    normed = b.node("rms_norm", [same, w], {"eps": 1e-6, "eps_arg": 1e-6, "reduce_ndim": 1}, torch.float32)
+    spec = ir.dumps(b.build([same[1], normed[1], same[1]], normed[1]))
+    seen = {}
+
+    def fn(x, y):
+        outs = compiled.traced_reference(spec, [x, y])
+        seen["aliased"] = [torch._C._is_alias_of(o, t) for o in outs for t in (x, y)]
+        seen["among"] = [torch._C._is_alias_of(outs[0], outs[2])]
+        return outs
+    make_fx(dispatch_functionalize(fn), tracing_mode="fake")(torch.randn(3, 4), torch.randn(4))
+    assert seen["aliased"] == [False] * 6 and seen["among"] == [False]
+
+
 def _profiled_ops(fn, *xs) -> list[str]:
     with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         fn(*xs)

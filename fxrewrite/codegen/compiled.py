@@ -22,10 +22,14 @@ environment is read when a graph is compiled, not per call.
 
 Compile caches. AOTAutograd's cache is keyed by the graph Dynamo captured, where a region is
 still the op, so a compilation made by another version of this library (other kernels, a fixed
-bug) or under other settings would be served again. Under compile the op therefore carries a
-`build` argument (`build_tag`): a hash of this package's code generation sources and of the
-settings read above. It changes nothing at run time; it makes the cache key differ wherever
-what the op compiles to could.
+bug) or under other settings would be served again. When Dynamo traces a lowered graph's
+`runtime.call_region`, the op therefore gets a `build` argument (`build_tag`): a hash of this
+package's code generation sources and of the settings read above. It changes nothing at run
+time; it makes the cache key differ wherever what the op compiles to could. `torch.export`
+records no tag (an exported program must not carry this machine's settings), so a graph that
+calls the op itself (an exported program's module, a `make_fx` trace) is cached without one:
+after upgrading this library or changing those settings, compile such graphs with a cleared
+cache (`torch._inductor.utils.fresh_inductor_cache()`).
 """
 from __future__ import annotations
 
@@ -84,11 +88,13 @@ def traced_kernel(spec_text: str, inputs: list[torch.Tensor]) -> list[torch.Tens
 
 
 def traced_reference(spec_text: str, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
-    """The region's eager reference, with any output that is an input, or a view, copied (the
-    op's outputs never alias its inputs)."""
+    """The region's eager reference, with any output that shares storage with an input or an
+    earlier output copied (the op's outputs never alias its inputs). `_is_alias_of` compares
+    storages, which also holds for the functional tensors AOTAutograd traces with (`_is_view`
+    does not)."""
     outs, fresh = run_reference(loads(spec_text), inputs), []
     for t in outs:
-        if t._is_view() or any(t is u for u in inputs) or any(t is u for u in fresh):
+        if any(torch._C._is_alias_of(t, u) for u in (*inputs, *fresh)):
             t = t.clone()
         fresh.append(t)
     return fresh

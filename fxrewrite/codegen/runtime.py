@@ -88,24 +88,34 @@ _KERNEL_DTYPES = frozenset(DTYPES.values())  # the torch dtypes a kernel takes (
 def backend_for(inputs: list[torch.Tensor]) -> str:
     """'triton' or 'reference' for these tensors (see the module docstring): 'triton' when they
     all sit on one device a kernel runs on and have dtypes a kernel takes. The environment is
-    read on every call (tests and users may change it between calls). A region call asks it once
-    per launch plan (`launch_args` caches the verdict with the plan: its key holds everything
-    read here but the environment, which `run` and `launch_args` read per call)."""
+    read on every call (tests and users may change it between calls). A region call does not
+    call this: `run` reads FXREWRITE_CODEGEN and `launch_args` TRITON_INTERPRET per call, and
+    `launch_args` caches `kernel_takes`'s verdict with the launch plan, whose key holds
+    everything that verdict reads."""
     if not inputs or _env("FXREWRITE_CODEGEN") == "reference":
         return "reference"
+    first = inputs[0]
+    if not first.is_cuda and not (first.is_cpu and use_interpreter()):
+        return "reference"
+    return "triton" if kernel_takes(inputs) else "reference"
+
+
+def kernel_takes(inputs: list[torch.Tensor]) -> bool:
+    """The part of `backend_for` that reads no environment: every input on the first one's
+    device (one CUDA device, or the CPU), with a dtype a kernel takes, and Triton importable."""
     first = inputs[0]
     if first.is_cuda:
         index = first.get_device()
         for t in inputs:
             if t.dtype not in _KERNEL_DTYPES or not t.is_cuda or t.get_device() != index:
-                return "reference"
-    elif first.is_cpu and use_interpreter():
+                return False
+    elif first.is_cpu:
         for t in inputs:
             if t.dtype not in _KERNEL_DTYPES or not t.is_cpu:
-                return "reference"
+                return False
     else:
-        return "reference"
-    return "triton" if triton_available() else "reference"
+        return False
+    return triton_available()
 
 
 # ---------------------------------------------------------------- launch planning
@@ -196,9 +206,10 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-def choose_config(M: int, N: int, ct: str, has_stats: bool):
+def choose_config(M, N, ct: str, has_stats: bool):
     """(mode, BLOCK_N, ROWS, num_warps). One pass over memory when a row fits in registers
-    (N <= 8192 in float32, 4096 in float64); several rows per program for small N."""
+    (N <= 8192 in float32, 4096 in float64); several rows per program for small N. M and N are
+    ints, or SymInts when `compiled` traces a launch."""
     max_single = 8192 if ct == "float32" else 4096
     N = int(N)  # a symbolic row width (traced for torch.compile) is specialised: it picks the kernel
     if N <= max_single:
@@ -238,7 +249,7 @@ _LAUNCHES = LRU(CACHE_SIZE)
 
 def run_triton(spec_text: str, inputs: list[torch.Tensor], config=None) -> list[torch.Tensor] | None:
     """Launch the generated kernel; None, launching nothing, when these inputs cannot run one
-    (`backend_for`). `config` overrides (mode, BLOCK_N, ROWS, num_warps).
+    (`launch_args`). `config` overrides (mode, BLOCK_N, ROWS, num_warps).
 
     The launch (kernel, grid, integer arguments) is a function of the spec and the inputs'
     shapes, strides, dtypes and the target only, so it is planned once and cached: a repeated
@@ -264,13 +275,14 @@ def launch_args(spec_text: str, inputs: list[torch.Tensor], config=None):
     """(kernel, grid, args, kwargs, outputs): the launch `run_triton` makes for these inputs,
     `kernel[grid](*args, **kwargs)`, which writes `outputs` (freshly allocated here, and the
     last of `args` before the integer arguments). kernel is None (nothing to launch) for an empty
-    domain; the whole answer is None when these inputs cannot run a kernel (`backend_for`).
+    domain; the whole answer is None when these inputs cannot run a kernel (`kernel_takes`, or
+    CPU tensors without TRITON_INTERPRET=1). FXREWRITE_CODEGEN is not read here (`run` reads it).
 
     The plan is cached by (spec text, config, target, per input: shape, strides, dtype, device
     index or CPU-ness). It holds no tensors and nothing device-specific (Triton keeps its
     binaries per device): inputs that must be materialised are listed as (index, channel_view)
     and copied again from each call's tensors (a cached copy would be the first call's values).
-    `backend_for`'s verdict is a function of that key, so it is cached with the plan instead of
+    `kernel_takes`'s verdict is a function of that key, so it is cached with the plan instead of
     being re-checked per call (~0.4 µs of a decode-shape call). CPU tensors can only run in
     Triton's interpreter, so only CUDA tensors read TRITON_INTERPRET to pick the target."""
     first = inputs[0]
@@ -291,7 +303,7 @@ def launch_args(spec_text: str, inputs: list[torch.Tensor], config=None):
     key = tuple(key)
     hit = _LAUNCHES.get(key)
     if hit is None:
-        hit = _plan_launch(spec_text, inputs, config, target) if backend_for(inputs) == "triton" else _NO_KERNEL
+        hit = _plan_launch(spec_text, inputs, config, target) if kernel_takes(inputs) else _NO_KERNEL
         _LAUNCHES.put(key, hit)
     if hit is _NO_KERNEL:
         return None
@@ -426,12 +438,12 @@ def call_region(spec: str, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
     (FlopCounterMode, profilers' modes) and autograd need to see. Both run the same `run`."""
     if _direct_ok(inputs):
         return run(spec, inputs)
-    if _is_compiling():
+    if _is_compiling() and not _is_exporting():
         return OP(spec, inputs, compiled.build_tag())
     return OP(spec, inputs)
 
 
-_grad_enabled, _is_compiling = torch.is_grad_enabled, torch.compiler.is_compiling
+_grad_enabled, _is_compiling, _is_exporting = torch.is_grad_enabled, torch.compiler.is_compiling, torch.compiler.is_exporting
 _tracing_state, _dispatch_modes = torch._C._get_tracing_state, torch._C._len_torch_dispatch_stack
 _function_modes = torch._C._is_torch_function_mode_enabled
 

@@ -185,7 +185,7 @@ def _compiled(program: dict, option: str, res: CaseResult):
             compiled(make_inputs(program, "example"))
     except Exception as e:  # noqa: BLE001
         peer = _peer_error(program, option)
-        if peer is not None and type(peer) is type(e):
+        if peer is not None and _cause(peer) == _cause(e):
             res.rejected = f"PyTorch's own torch.compile(backend={PEERS[option]!r}) fails too: {_line(peer)}"
         else:
             res.fail(f"crash:{type(e).__name__}", _line(e))
@@ -217,6 +217,13 @@ def _peer_error(program: dict, option: str) -> Exception | None:
     finally:
         torch._dynamo.reset()
     return None
+
+
+def _cause(e: Exception) -> tuple[type, str]:
+    """(type, first line) of the error under a compiler's wrapper (`BackendCompilerFailed` wraps
+    whatever any final compiler raised, so its own type says nothing)."""
+    inner = getattr(e, "inner_exception", None) or e
+    return type(inner), _line(inner)
 
 
 def _outputs_ok(fast, program: dict, expected: dict, res: CaseResult, cls: str, crash: str) -> bool:
