@@ -17,9 +17,14 @@ If the pipeline raises on a graph, that graph is compiled unchanged, with a warn
 optimisation bug must not stop the user's model from compiling.
 
 Frozen weights are assumed not to change (Inductor's freezing assumes the same). A cheap guard
-checks it on every call: if any frozen tensor was replaced or modified in place since compile
-time (its `_version` moved: `optimizer.step()`, `load_state_dict`), the call runs Dynamo's
-original graph eagerly instead, with a warning, so results are never stale.
+checks it on every call: if a frozen tensor was modified in place since compile time (its
+`_version` moved: `optimizer.step()`, `load_state_dict`), the call runs Dynamo's original graph
+eagerly instead, with a warning, so results are never stale. Dynamo shares one compiled graph
+between instances of a module class (two copies of a model, or layers compiled one by one with
+`layer.compile(backend="rewrite")`): a call with another instance's tensors is not stale but
+needs its own folded weights, so the graph is frozen and optimised again for that instance (a
+variant, at most MAX_VARIANTS per graph, Dynamo's own recompile limit; past that, such calls run
+Dynamo's graph, with a warning).
 
 Options, through `torch.compile(model, backend="rewrite", options={...})`:
     passes    pass names / presets / Pass objects (default `passes.DEFAULT`, exact passes)
@@ -50,6 +55,7 @@ from .rewrite.pipeline import run_pipeline
 from .rewrite.report import Report
 
 OPTIONS = ("passes", "lower", "layout", "inplace", "compiler", "verbose")
+MAX_VARIANTS = 8  # per compiled graph: the module instances whose weights it is frozen for
 REPORTS: list[Report] = []
 _MAX_REPORTS = 64
 
@@ -70,56 +76,109 @@ def rewrite_backend(gm: fx.GraphModule, example_inputs, **kwargs) -> Callable:
         raise ValueError(f"rewrite backend: unknown option(s) {unknown}; known: {list(OPTIONS)}")
     compiler = _final_compiler(options.get("compiler", "inductor"), mode)
 
-    steps = build_pipeline(options.get("passes"), lower=options.get("lower"), inplace=options.get("inplace", False),
-                           layout=options.get("layout"))
-    report = Report()
-    _remember(report)
+    def steps():
+        return build_pipeline(options.get("passes"), lower=options.get("lower"),
+                              inplace=options.get("inplace", False), layout=options.get("layout"))
+
+    first_steps = steps()  # (bad options raise here, whatever the graph)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     reason = why_not_freeze(gm, placeholders, example_inputs)
     if reason is not None:
+        report = Report()
+        _remember(report)
         report.note("backend", "graph", f"passed through unchanged: {reason}")
         _print(options, report)
         return compiler(gm, list(example_inputs))
+    first = _optimise(gm, placeholders, example_inputs, first_steps, options, compiler)
+    if first is None:  # the pipeline failed (reported, with a warning): Dynamo's graph, compiled
+        return compiler(gm, list(example_inputs))
 
-    work, frozen = freeze_parameters(gm, placeholders, example_inputs, report)
+    def another_instance(inputs):  # the same inputs frozen (Dynamo's guards held: same grad mode)
+        return _optimise(gm, placeholders, inputs, steps(), options, compiler, indices=set(first.frozen))
+
+    return _Guarded(first, gm, another_instance)
+
+
+def _optimise(gm: fx.GraphModule, placeholders, inputs, steps, options: dict, compiler, indices=None):
+    """Freeze `gm`'s weights as found in `inputs` (those at `indices` if given), run the pipeline
+    on the frozen copy, compile: a `_Variant`, or None when the pipeline raised (reported, with a
+    warning: an optimisation bug must not break the user's compile)."""
+    report = Report()
+    _remember(report)
+    work, frozen = freeze_parameters(gm, placeholders, inputs, report, indices)
     try:
         run_pipeline(work, steps, report)
-    except Exception as e:  # an optimisation bug must not break the user's compile: run Dynamo's graph
+    except Exception as e:  # noqa: BLE001
         detail = f"{type(e).__name__}: {e}".splitlines()[0][:300]
         report.note("backend", "graph", f"passed through unchanged: the pipeline failed ({detail})")
         warnings.warn(f"rewrite backend: the rewrite pipeline failed on a graph ({detail}); compiling it unchanged")
         _print(options, report)
-        return compiler(gm, list(example_inputs))
+        return None
     _print(options, report)
-    kept = [x for i, x in enumerate(example_inputs) if i not in frozen]
-    compiled = compiler(work, kept)
-    return _Guarded(compiled, frozen, {i: example_inputs[i] for i in frozen}, gm)
+    compiled = compiler(work, [x for i, x in enumerate(inputs) if i not in frozen])
+    return _Variant(compiled, frozen, {i: inputs[i] for i in frozen})
 
 
-class _Guarded:
-    """Calls the compiled graph with the frozen inputs removed, after checking they are still
-    the tensors (same object, same in-place version) that were frozen. Dynamo calls a backend's
-    result with positional inputs, and so does this (Inductor's result takes them that way
-    too, whatever its copied `_boxed_call` attribute says)."""
+class _Variant:
+    """A compiled graph frozen for one set of weights: the tensors (same object, same in-place
+    version) it was frozen from, held (so no other tensor can take their ids)."""
 
-    def __init__(self, compiled, frozen: set[int], tensors: dict, original: fx.GraphModule):
+    SAME, CHANGED, OTHER = "same", "changed", "other"
+
+    def __init__(self, compiled, frozen: set[int], tensors: dict):
         self.compiled = compiled
         self.frozen = frozen
         self.keys = [(i, t, t._version) for i, t in tensors.items()]
+        self.stale = False  # one of its tensors was modified in place: never used again
+
+    def state(self, args) -> str:
+        """SAME: these are its tensors, unchanged; CHANGED: its tensors, one modified in place
+        since; OTHER: not all of them its tensors (another instance's)."""
+        changed = False
+        for i, t, version in self.keys:
+            a = args[i]
+            if a is not t:
+                return self.OTHER
+            if a._version != version:
+                changed = True
+        return self.CHANGED if changed else self.SAME
+
+    def __call__(self, args):
+        # Dynamo calls a backend's result with positional inputs, and so does this (Inductor's
+        # result takes them that way too, whatever its copied `_boxed_call` attribute says)
+        return self.compiled(*[a for j, a in enumerate(args) if j not in self.frozen])
+
+
+class _Guarded:
+    """What the backend returns for a frozen graph: the variant frozen for the call's weights;
+    a new variant for another instance's weights (up to MAX_VARIANTS); Dynamo's original graph
+    when the weights were modified in place since freezing, or past the variant limit."""
+
+    def __init__(self, first: _Variant, original: fx.GraphModule, another_instance):
+        self.variants = [first]
         self.original = original
-        self.stale = False
+        self.another_instance = another_instance
+        self.warned_limit = False
 
     def __call__(self, *args):
-        if not self.stale:
-            for i, t, version in self.keys:
-                a = args[i]
-                if a is not t or a._version != version:
-                    self.stale = True
-                    warnings.warn("rewrite backend: a frozen weight changed after compilation; running the "
-                                  "unoptimised graph from now on (call torch._dynamo.reset() to re-fold)")
-                    break
-            else:
-                return self.compiled(*[a for j, a in enumerate(args) if j not in self.frozen])
+        for v in self.variants:
+            state = v.state(args)
+            if state == _Variant.OTHER:
+                continue
+            if state == _Variant.CHANGED and not v.stale:
+                v.stale = True
+                warnings.warn("rewrite backend: a frozen weight changed after compilation; running the "
+                              "unoptimised graph for it from now on (call torch._dynamo.reset() to re-fold)")
+            return self.original(*args) if v.stale else v(args)
+        if len(self.variants) < MAX_VARIANTS:
+            v = self.another_instance(args)
+            if v is not None:
+                self.variants.append(v)
+                return v(args)
+        elif not self.warned_limit:
+            self.warned_limit = True
+            warnings.warn(f"rewrite backend: one compiled graph met more than {MAX_VARIANTS} sets of weights "
+                          "(module instances); the others run the unoptimised graph")
         return self.original(*args)
 
 

@@ -8,6 +8,7 @@ import copy
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from conftest import randomize_bn
 from fxrewrite import backend
 from fxrewrite.codegen import runtime
 from fxrewrite.rewrite import ops
@@ -138,6 +140,56 @@ def test_weights_changed_after_compile_are_not_served_stale():
         with pytest.warns(UserWarning, match="frozen weight changed"):
             out = compiled(x)
         assert torch.allclose(out, model(x), rtol=1e-5, atol=1e-6)
+
+
+def test_instances_of_one_class_each_get_their_own_folded_weights():
+    """Dynamo shares one compiled graph between two instances of a class; each gets a variant
+    frozen for its own weights (two folded graphs reach the compiler), neither falls back, and an
+    in-place change to one instance's weights sends only that instance to the unoptimised graph."""
+    torch.manual_seed(0)
+    a, b = Net().eval(), Net().eval()
+    rec = Recorder()
+    ca, cb = _compile(a, compiler=rec), _compile(b, compiler=rec)
+    x = torch.randn(1, 3, 8, 8)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "frozen weight changed" fallback
+        for _ in range(2):
+            for compiled, model in ((ca, a), (cb, b), (ca, a)):
+                torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
+    assert len(rec.graphs) == 2 and all(rec.count(*BN_TARGETS, i=i) == 0 for i in (0, 1))
+    with torch.no_grad():
+        a.conv2.weight.mul_(2.0)
+        with pytest.warns(UserWarning, match="frozen weight changed"):
+            torch.testing.assert_close(ca(x), a(x), rtol=1e-5, atol=1e-5)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            torch.testing.assert_close(cb(x), b(x), rtol=1e-5, atol=1e-5)
+    assert len(rec.graphs) == 2
+
+
+def test_layers_compiled_one_by_one_past_the_variant_limit():
+    """Layer-wise compilation (`layer.compile(backend="rewrite")` on each of MAX_VARIANTS + 2
+    identical blocks): the first MAX_VARIANTS layers get folded variants, the rest run the
+    unoptimised graph with one warning, and every output is right."""
+    torch.manual_seed(0)
+    blocks = nn.Sequential(*[nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
+                             for _ in range(backend.MAX_VARIANTS + 2)]).eval()
+    for block in blocks:
+        randomize_bn(block)
+    x = torch.randn(1, 4, 6, 6)
+    with torch.no_grad():
+        want = blocks(x)
+    rec = Recorder()
+    for block in blocks:
+        block.compile(backend="rewrite", options={"compiler": rec})
+    with torch.no_grad():
+        with pytest.warns(UserWarning, match=f"more than {backend.MAX_VARIANTS} sets of weights"):
+            got = blocks(x)
+        again = blocks(x)
+    assert len(rec.graphs) == backend.MAX_VARIANTS and all(
+        rec.count(*BN_TARGETS, i=i) == 0 for i in range(len(rec.graphs)))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(again, want, rtol=1e-5, atol=1e-5)
 
 
 def test_passes_option_and_resnet18_counts():

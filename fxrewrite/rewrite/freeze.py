@@ -78,10 +78,12 @@ def _export_style_meta(node: fx.Node):
         node.meta["tensor_meta"] = tensor_metadata(val)
 
 
-def freeze_parameters(gm: fx.GraphModule, placeholders, example_inputs, report: Report):
+def freeze_parameters(gm: fx.GraphModule, placeholders, example_inputs, report: Report, indices=None):
     """A copy of `gm` where each parameter/buffer placeholder not mutated by the graph is a
     `get_attr` buffer holding the real tensor (detached: same storage, no autograd). Returns
-    (copy, indices of the frozen inputs). `gm` itself is left as it was."""
+    (copy, indices of the frozen inputs). `gm` itself is left as it was. `indices`: freeze these
+    inputs instead of deciding (the backend freezing a graph again for other weights: Dynamo
+    drops the placeholders' sources once the graph is compiled)."""
     graph = fx.Graph()
     remap: dict[fx.Node, fx.Node] = {}
     graph.output(graph.graph_copy(gm.graph, remap))
@@ -92,10 +94,13 @@ def freeze_parameters(gm: fx.GraphModule, placeholders, example_inputs, report: 
     taken = set(dict(work.named_children())) | {n for n, _ in work.named_buffers()} | {
         n for n, _ in work.named_parameters()}
     first = next((n for n in graph.nodes if n.op != "placeholder"), None)
-    written = _written(gm.graph)
+    written = _written(gm.graph) if indices is None else None
     for i, old in enumerate(placeholders):
         value = example_inputs[i]
-        if not (isinstance(value, torch.Tensor) and _is_param_or_buffer(old)) or written(old):
+        if indices is not None:
+            if i not in indices:
+                continue
+        elif not (isinstance(value, torch.Tensor) and _is_param_or_buffer(old)) or written(old):
             continue
         node = remap[old]
         name = _attr_name(node.name, taken)
