@@ -455,6 +455,38 @@ def test_too_wide_rows_return_none():
     assert got is None
 
 
+_GLU = ir.dumps({"version": 1, "inputs": [{"dtype": "float32", "channel_view": 0}] * 2,  # silu(gate) * up
+                 "nodes": [{"op": "silu", "args": [["in", 0]], "attrs": {}, "dtype": "float32"},
+                           {"op": "mul", "args": [["v", 0], ["in", 1]], "attrs": {}, "dtype": "float32"}],
+                 "outputs": [1], "norm": None, "glu": 1})
+
+
+@needs_kernel
+@pytest.mark.parametrize("up_shape", [(3, 8200), (8200,)])
+def test_wide_glu_rows_are_tiled(up_shape):
+    """A GLU row wider than one block (LLaMA's intermediate sizes are wider than 8192) is split
+    over column blocks: the kernel's gradients are eager's, `up` per element or per column."""
+    check(_GLU, [torch.randn(3, 8200, device=DEVICE), torch.randn(up_shape, device=DEVICE)])
+
+
+@needs_kernel
+def test_wide_dyt_rows_are_tiled():
+    """DyT (no row statistics) + SmeLU on rows of 8200: alpha's and beta's gradients are sums over
+    every program and column block, weight's and bias's over the rows."""
+    spec, ins = region(DyTSmeLU(8200), *_inputs((3, 8200), 1))
+    got = check(spec, ins)
+    assert got[1].abs().item() > 0
+
+
+def test_wide_rows_with_statistics_or_a_per_row_gradient_return_none():
+    """Not tiled: RMSNorm rows wider than a block (the statistic spans blocks), and a tiled
+    region's per-row input gradient (it sums over column blocks)."""
+    rms = _spec([("rms_norm", ["x", "w"], {"eps": 1e-6, "eps_arg": 1e-6, "reduce_ndim": 1})], ["x", "w"], [0], 0)
+    x = torch.randn(2, 8200)
+    assert backward.run_backward(rms, [x, torch.randn(8200)], [torch.ones_like(x)], [True, True]) is None
+    assert backward.run_backward(_GLU, [x, torch.randn(2, 1)], [torch.ones_like(x)], [True, True]) is None
+
+
 def test_calls_autograd_must_see_return_none():
     """A double backward (gradients that require grad) and calls without a Triton target."""
     spec = _spec([("rms_norm", ["x", "w"], {"eps": 1e-6, "eps_arg": 1e-6, "reduce_ndim": 1})], ["x", "w"], [0], 0)

@@ -4,7 +4,7 @@
 
 The domain is seen as `M` rows of `N` elements, N the product of the norm's reduced trailing dims
 (the last dim for DyT, which reduces nothing). Each program walks a strided set of row blocks
-(`ROWS` rows of `BLOCK_N >= N` columns: single pass only, a row fits in registers) and for each:
+(`ROWS` rows of `BLOCK_N >= N` columns: a row fits in registers) and for each:
 
   1. recomputes the forward in the compute dtype (float32; float64 for float64 regions) with the
      forward kernel's per-node rounding and its row statistics (the same expressions, `ir.OPS`);
@@ -50,10 +50,17 @@ bfloat16 rounding, not bitwise, and are as close or closer to float64 gradients 
 LayerNorm's two backward row means are one `tl.reduce` over a pair (one round through shared
 memory): on an H200 that moved LayerNorm's backward from 2.14 to 2.40 TB/s at M = 32768, N = 4096.
 
+Rows wider than one block (N > 8192 in float32, 4096 in float64) in a region without row
+statistics (a GLU: LLaMA's intermediate sizes are 11008-28672; DyT) are tiled: a second grid axis
+splits the columns into blocks of 4096 (2048), each program taking one column block of its rows,
+and a scalar input's partial sums are kept per program and column block. RMSNorm and LayerNorm
+rows that wide would need the statistics and the two backward row means over several blocks
+(two more passes), which is not done.
+
 Not supported (`run_backward` returns None, the caller falls back to autograd of the eager
 reference): BatchNorm, any op without a rule, per-channel
-(`channel_view`) inputs, rows wider than one block (N > 8192 in float32, 4096 in float64),
-empty domains, and calls that autograd must see through (a tensor subclass such as a fake or
+(`channel_view`) inputs, RMSNorm/LayerNorm rows wider than one block, a per-row input's gradient
+in a tiled region, empty domains, and calls that autograd must see through (a tensor subclass such as a fake or
 functional tensor, a dispatch mode, torch.compile tracing, a double backward: gradients that
 require grad).
 
@@ -263,6 +270,7 @@ class BwdLaunch:
     out_dtypes: tuple     # per input: the dtype its gradient is written in (None when not wanted)
     target: str           # "cuda" or "interpreter"
     alias: tuple = ()     # per input: the earlier input whose gradient it shares (not written), or None
+    tiled: bool = False   # columns split over a second grid axis (rows wider than a block, no row statistics)
 
     def __post_init__(self):
         if not self.alias:
@@ -270,7 +278,7 @@ class BwdLaunch:
 
     def key(self) -> str:
         return (f"bwd{TEMPLATE_VERSION}|{self.classes}|{self.input_dtypes}|{self.grad_dtypes}|{self.wanted}|"
-                f"{self.out_dtypes}|{self.target}|{self.alias}")
+                f"{self.out_dtypes}|{self.target}|{self.alias}" + ("|tiled" if self.tiled else ""))
 
 
 def kernel_name(spec: dict) -> str:
@@ -365,7 +373,7 @@ class _Source:
         w, L, CT = self.w, self.launch, self.CT
         w(1, "pid = tl.program_id(0)")
         w(1, "nprog = tl.num_programs(0)")
-        w(1, "cols = tl.arange(0, BLOCK_N)")
+        w(1, "cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)" if L.tiled else "cols = tl.arange(0, BLOCK_N)")
         w(1, "cmask = cols < N")
         used = self._used_inputs()
         # loop-invariant loads: per-column and scalar inputs
@@ -394,8 +402,9 @@ class _Source:
         for i in self._stored():
             if L.classes[i] == "col":
                 w(1, f"tl.store(gin{i} + pid.to(tl.int64) * N + cols, acc{i}, mask=cmask)")
-            elif L.classes[i] == "scalar":
-                w(1, f"tl.store(gin{i} + pid, tl.sum(acc{i}, axis=0))")
+            elif L.classes[i] == "scalar":  # (one partial per program and column block when tiled)
+                slot = "pid * tl.num_programs(1) + tl.program_id(1)" if L.tiled else "pid"
+                w(1, f"tl.store(gin{i} + {slot}, tl.sum(acc{i}, axis=0))")
 
     def forward(self, ind):
         """The forward recomputed: every node, rounded to its dtype, and the norm's row statistics
@@ -632,12 +641,17 @@ def _plan(spec_text, inputs, grads, needs, target, config=None):
     M, N = math.prod(domain[:n_lead]), math.prod(domain[n_lead:])
     in_dtypes = tuple(dtype_name(t.dtype) for t in inputs)
     ct = compute_dtype(spec, in_dtypes)
-    if M * N == 0 or N > MAX_SINGLE[ct]:
+    if M * N == 0:
         return "unsupported"
+    tiled = N > MAX_SINGLE[ct]  # a row wider than a block: columns split over a second grid axis,
+    if tiled and spec["norm"] is not None and OPS[spec["nodes"][spec["norm"]]["op"]].stats:
+        return "unsupported"    # which row statistics (RMSNorm, LayerNorm) cannot span
     classes = tuple(_classify(_aligned(s, nd), n_lead, domain) for s in shapes)
     grad_dtypes = tuple(None if g is None else dtype_name(g.dtype) for g in grads)
     seeded = {j for j, g in zip(spec["outputs"], grads) if g is not None}
     _, wanted = active_nodes(spec, [bool(n) for n in needs], seeded)
+    if tiled and any(w and c == "row" for w, c in zip(wanted, classes)):
+        return "unsupported"  # a per-row gradient sums over all column blocks
     out_dtypes = []
     for t, s, c, want in zip(inputs, shapes, classes, wanted):
         if not want:
@@ -646,10 +660,11 @@ def _plan(spec_text, inputs, grads, needs, target, config=None):
             out_dtypes.append(dtype_name(t.dtype))  # written directly, in the input's dtype
         else:
             out_dtypes.append(ct)                   # partial sums, reduced on the host
-    launch = BwdLaunch(classes, in_dtypes, grad_dtypes, tuple(wanted), tuple(out_dtypes), target)
+    launch = BwdLaunch(classes, in_dtypes, grad_dtypes, tuple(wanted), tuple(out_dtypes), target, tiled=tiled)
     launch = dataclasses.replace(launch, alias=_aliases(spec, launch, shapes, nd, domain))
     kernel = get_kernel(spec_text, launch)
-    block, rows, warps = choose_config(M, N, ct)
+    block, rows, warps = choose_config(M, MAX_SINGLE[ct] // 2 if tiled else N, ct)
+    n_col = -(-N // block)
     per_sm = None
     if config is not None:
         rows, warps, per_sm = config
@@ -665,10 +680,11 @@ def _plan(spec_text, inputs, grads, needs, target, config=None):
             continue
         direct = kind == "full" and _aligned(shapes[i], nd) == domain
         shape = tuple(t.shape) if direct else {"full": (M, N), "col": (programs, N), "row": (M,),
-                                               "scalar": (programs,)}[kind]
+                                               "scalar": (programs * n_col,)}[kind]
         outs.append((shape, DTYPES[out_dtypes[i]]))
         finish.append("direct" if direct else kind)
-    return _Plan(kernel, (programs,), {"ROWS": rows, "BLOCK_N": block, "num_warps": warps}, tuple(ints),
+    return _Plan(kernel, (programs, n_col) if tiled else (programs,), {"ROWS": rows, "BLOCK_N": block,
+                                                                      "num_warps": warps}, tuple(ints),
                  tuple(copies), classes, domain, n_lead, tuple(outs), tuple(finish), launch.alias)
 
 
