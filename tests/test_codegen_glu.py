@@ -237,11 +237,17 @@ def test_non_contiguous_inputs(N, launches):
 
 # ---------------------------------------------------------------- gradients
 
+WIDE = {  # intermediate sizes wider than one block (8192 in float32): forward loops, backward tiles
+    "swiglu_wide": lambda: SwiGLUMLP(8, 8200),
+    "fused_chunk_silu_wide": lambda: FusedGateUp(8, 8200, "chunk"),
+}
+
+
 @needs_kernel
-@pytest.mark.parametrize("name", ["swiglu", "geglu_tanh", "fused_chunk_silu"])
+@pytest.mark.parametrize("name", ["swiglu", "geglu_tanh", "fused_chunk_silu", *WIDE])
 def test_gradients_match_eager(name, launches, monkeypatch):
     """Gradients through a lowered GLU come from its generated backward kernel
-    (`backward.run_backward`) and equal eager autograd's."""
+    (`backward.run_backward`) and equal eager autograd's, wide rows included."""
     backward_kernels = []
     real = runtime.run_backward
 
@@ -251,8 +257,8 @@ def test_gradients_match_eager(name, launches, monkeypatch):
         return got
 
     monkeypatch.setattr(runtime, "run_backward", spy)
-    make, _ = MLPS[name]
-    x = torch.randn(2, 3, 16, device=DEVICE)
+    make = WIDE[name] if name in WIDE else MLPS[name][0]
+    x = torch.randn(2, 3, 8 if name in WIDE else 16, device=DEVICE)
     model, fast = lower(make(), x)
 
     def grads(m):
