@@ -23,8 +23,9 @@ eagerly instead, with a warning, so results are never stale. Dynamo shares one c
 between instances of a module class (two copies of a model, or layers compiled one by one with
 `layer.compile(backend="rewrite")`): a call with another instance's tensors is not stale but
 needs its own folded weights, so the graph is frozen and optimised again for that instance (a
-variant, at most MAX_VARIANTS per graph, Dynamo's own recompile limit; past that, such calls run
-Dynamo's graph, with a warning).
+variant; at most `max_variants` alive per graph, 8 by default; past that, such calls run Dynamo's
+graph eagerly, with a warning). A graph compiled for dynamic shapes gets no variants (one built
+at a call would be compiled for that call's sizes): other instances run Dynamo's graph.
 
 Options, through `torch.compile(model, backend="rewrite", options={...})`:
     passes    pass names / presets / Pass objects (default `passes.DEFAULT`, exact passes)
@@ -35,6 +36,7 @@ Options, through `torch.compile(model, backend="rewrite", options={...})`:
               what Inductor is handed, without Inductor; lowered regions decompose there as
               under Inductor, `codegen.compiled`), or a callable `(gm, example_inputs) -> callable`
     verbose   print each graph's report table to stderr
+    max_variants  how many instances' weights one graph is optimised for (8; see below)
 The report of every compiled graph is kept in `REPORTS` (most recent last; `last_report()`).
 
 Registered with Dynamo through the `torch_dynamo_backends` entry point (no import needed) and,
@@ -44,6 +46,7 @@ from __future__ import annotations
 
 import sys
 import warnings
+import weakref
 from typing import Callable
 
 import torch
@@ -54,8 +57,8 @@ from .rewrite.freeze import freeze_parameters, why_not_freeze
 from .rewrite.pipeline import run_pipeline
 from .rewrite.report import Report
 
-OPTIONS = ("passes", "lower", "layout", "inplace", "compiler", "verbose")
-MAX_VARIANTS = 8  # per compiled graph: the module instances whose weights it is frozen for
+OPTIONS = ("passes", "lower", "layout", "inplace", "compiler", "verbose", "max_variants")
+MAX_VARIANTS = 8  # default: per compiled graph, the module instances whose weights it is frozen for
 REPORTS: list[Report] = []
 _MAX_REPORTS = 64
 
@@ -89,17 +92,32 @@ def rewrite_backend(gm: fx.GraphModule, example_inputs, **kwargs) -> Callable:
         report.note("backend", "graph", f"passed through unchanged: {reason}")
         _print(options, report)
         return compiler(gm, list(example_inputs))
-    first = _optimise(gm, placeholders, example_inputs, first_steps, options, compiler)
+    first = _optimise(gm, placeholders, example_inputs, first_steps, options, compiler, then="compiling it unchanged")
     if first is None:  # the pipeline failed (reported, with a warning): Dynamo's graph, compiled
         return compiler(gm, list(example_inputs))
+    limit, why = options.get("max_variants", MAX_VARIANTS), "raise options={'max_variants': N}, or compile the whole model"
+    if _symbolic(example_inputs):  # a later variant would be compiled for one call's sizes, and serve all
+        limit, why = 1, "the graph was compiled for dynamic shapes: compile with dynamic=False, or the whole model"
 
     def another_instance(inputs):  # the same inputs frozen (Dynamo's guards held: same grad mode)
-        return _optimise(gm, placeholders, inputs, steps(), options, compiler, indices=set(first.frozen))
+        try:
+            return _optimise(gm, placeholders, inputs, steps(), options, compiler, indices=set(first.frozen),
+                             then="running it unoptimised for these weights")
+        except Exception as e:  # noqa: BLE001  (freezing or the final compiler: never the user's call)
+            warnings.warn(f"rewrite backend: optimising the graph for another instance's weights failed "
+                          f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})")
+            return None
 
-    return _Guarded(first, gm, another_instance)
+    return _Guarded(first, gm, another_instance, limit, why)
 
 
-def _optimise(gm: fx.GraphModule, placeholders, inputs, steps, options: dict, compiler, indices=None):
+def _symbolic(example_inputs) -> bool:
+    """Whether Dynamo compiled the graph for symbolic sizes (dynamic shapes)."""
+    return any(isinstance(x, torch.SymInt) or isinstance(x, torch.Tensor) and any(
+        isinstance(d, torch.SymInt) for d in x.shape) for x in example_inputs)
+
+
+def _optimise(gm: fx.GraphModule, placeholders, inputs, steps, options: dict, compiler, indices=None, then=""):
     """Freeze `gm`'s weights as found in `inputs` (those at `indices` if given), run the pipeline
     on the frozen copy, compile: a `_Variant`, or None when the pipeline raised (reported, with a
     warning: an optimisation bug must not break the user's compile)."""
@@ -111,7 +129,7 @@ def _optimise(gm: fx.GraphModule, placeholders, inputs, steps, options: dict, co
     except Exception as e:  # noqa: BLE001
         detail = f"{type(e).__name__}: {e}".splitlines()[0][:300]
         report.note("backend", "graph", f"passed through unchanged: the pipeline failed ({detail})")
-        warnings.warn(f"rewrite backend: the rewrite pipeline failed on a graph ({detail}); compiling it unchanged")
+        warnings.warn(f"rewrite backend: the rewrite pipeline failed on a graph ({detail}); {then}")
         _print(options, report)
         return None
     _print(options, report)
@@ -120,28 +138,33 @@ def _optimise(gm: fx.GraphModule, placeholders, inputs, steps, options: dict, co
 
 
 class _Variant:
-    """A compiled graph frozen for one set of weights: the tensors (same object, same in-place
-    version) it was frozen from, held (so no other tensor can take their ids)."""
+    """A compiled graph frozen for one set of weights, known by weak references to the tensors
+    it was frozen from (their identity and in-place version; a dead one never matches, so a
+    discarded model's variant is dropped, not mistaken for a new tensor at the same address).
+    `compiled` None: these weights run Dynamo's graph (optimising for them failed)."""
 
     SAME, CHANGED, OTHER = "same", "changed", "other"
 
     def __init__(self, compiled, frozen: set[int], tensors: dict):
         self.compiled = compiled
         self.frozen = frozen
-        self.keys = [(i, t, t._version) for i, t in tensors.items()]
-        self.stale = False  # one of its tensors was modified in place: never used again
+        self.keys = [(i, weakref.ref(t), t._version) for i, t in tensors.items()]
+        self.stale = compiled is None  # (also set when one of its tensors is modified in place)
 
     def state(self, args) -> str:
         """SAME: these are its tensors, unchanged; CHANGED: its tensors, one modified in place
         since; OTHER: not all of them its tensors (another instance's)."""
         changed = False
-        for i, t, version in self.keys:
+        for i, ref, version in self.keys:
             a = args[i]
-            if a is not t:
+            if a is not ref():
                 return self.OTHER
             if a._version != version:
                 changed = True
         return self.CHANGED if changed else self.SAME
+
+    def alive(self) -> bool:
+        return all(ref() is not None for _, ref, _ in self.keys)
 
     def __call__(self, args):
         # Dynamo calls a backend's result with positional inputs, and so does this (Inductor's
@@ -151,13 +174,15 @@ class _Variant:
 
 class _Guarded:
     """What the backend returns for a frozen graph: the variant frozen for the call's weights;
-    a new variant for another instance's weights (up to MAX_VARIANTS); Dynamo's original graph
-    when the weights were modified in place since freezing, or past the variant limit."""
+    a new variant for another instance's weights (up to `limit` alive at once); Dynamo's
+    original graph, run eagerly, when the weights were modified in place since freezing, when
+    optimising for them failed, or past the limit."""
 
-    def __init__(self, first: _Variant, original: fx.GraphModule, another_instance):
+    def __init__(self, first: _Variant, original: fx.GraphModule, another_instance, limit: int, why: str):
         self.variants = [first]
         self.original = original
         self.another_instance = another_instance
+        self.limit, self.why = limit, why
         self.warned_limit = False
 
     def __call__(self, *args):
@@ -170,15 +195,18 @@ class _Guarded:
                 warnings.warn("rewrite backend: a frozen weight changed after compilation; running the "
                               "unoptimised graph for it from now on (call torch._dynamo.reset() to re-fold)")
             return self.original(*args) if v.stale else v(args)
-        if len(self.variants) < MAX_VARIANTS:
+        self.variants = [v for v in self.variants if v.alive()]  # discarded instances' variants go
+        if len(self.variants) < self.limit:
             v = self.another_instance(args)
-            if v is not None:
-                self.variants.append(v)
-                return v(args)
-        elif not self.warned_limit:
+            if v is None:  # remembered: these weights run Dynamo's graph, not another attempt per call
+                frozen = self.variants[0].frozen if self.variants else set()
+                v = _Variant(None, frozen, {i: args[i] for i in frozen})
+            self.variants.append(v)
+            return self.original(*args) if v.stale else v(args)
+        if not self.warned_limit:
             self.warned_limit = True
-            warnings.warn(f"rewrite backend: one compiled graph met more than {MAX_VARIANTS} sets of weights "
-                          "(module instances); the others run the unoptimised graph")
+            warnings.warn(f"rewrite backend: one compiled graph met more than {self.limit} sets of weights "
+                          f"(module instances); the others run the unoptimised graph eagerly ({self.why})")
         return self.original(*args)
 
 

@@ -192,6 +192,74 @@ def test_layers_compiled_one_by_one_past_the_variant_limit():
     torch.testing.assert_close(again, want, rtol=1e-5, atol=1e-5)
 
 
+def test_discarded_instances_free_their_variant_slots():
+    """Models compiled, used and discarded one after another (more of them than the variant
+    limit): each gets its own folded graph, no limit warning (a dead instance's variant is
+    dropped, and never matched by a new tensor at the same address)."""
+    import gc
+    rec = Recorder()
+    x = torch.randn(1, 3, 8, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(backend.MAX_VARIANTS + 3):
+            model = Net().eval()
+            with torch.no_grad():
+                torch.testing.assert_close(_compile(model, compiler=rec)(x), model(x), rtol=1e-5, atol=1e-5)
+            del model
+            gc.collect()
+    assert len(rec.graphs) == backend.MAX_VARIANTS + 3
+
+
+def test_a_failure_for_another_instance_is_remembered(monkeypatch):
+    """If optimising for a second instance's weights fails, that instance runs Dynamo's graph
+    (right values, one warning), and later calls do not try again."""
+    a, b = Net().eval(), Net().eval()
+    ca, cb = _compile(a, compiler="eager"), _compile(b, compiler="eager")
+    x = torch.randn(1, 3, 8, 8)
+    with torch.no_grad():
+        ca(x)
+        calls = []
+
+        def failing(*args, **kwargs):
+            calls.append(1)
+            raise RuntimeError("planted")
+        monkeypatch.setattr(backend, "run_pipeline", failing)
+        with pytest.warns(UserWarning, match="planted.*unoptimised for these weights"):
+            torch.testing.assert_close(cb(x), b(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(cb(x), b(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ca(x), a(x), rtol=1e-5, atol=1e-5)
+    assert calls == [1]
+
+
+def test_a_dynamic_graph_is_not_refrozen_per_instance():
+    """A graph compiled for dynamic sizes keeps one variant: another instance runs Dynamo's
+    graph (one warning saying why), right for every batch size. dynamic=True also passes the
+    BatchNorms' float eps in as a graph value: those folds are skipped with the reason, the
+    functional BN's literal eps still folds, and the pipeline does not fail."""
+    torch._dynamo.reset()
+    a, b = Net().eval(), Net().eval()
+    rec = Recorder()
+    ca = torch.compile(a, backend="rewrite", dynamic=True, options={"compiler": rec})
+    cb = torch.compile(b, backend="rewrite", dynamic=True, options={"compiler": rec})
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for n in (2, 3):
+            x = torch.randn(n, 3, 8, 8)
+            torch.testing.assert_close(ca(x), a(x), rtol=1e-5, atol=1e-5)
+    details = [r.detail for r in backend.last_report().records if r.pass_name == "fold_batchnorm"]
+    assert sum("eps is computed" in d for d in details) == 2 and any(d.startswith("fold_bn_into_conv: [") for d in details)
+    with torch.no_grad():
+        x = torch.randn(2, 3, 8, 8)
+        with pytest.warns(UserWarning, match="dynamic shapes"):
+            got = cb(x)
+        torch.testing.assert_close(got, b(x), rtol=1e-5, atol=1e-5)
+        for n in (2, 5):
+            x = torch.randn(n, 3, 8, 8)
+            torch.testing.assert_close(cb(x), b(x), rtol=1e-5, atol=1e-5)
+    assert len(rec.graphs) == 1
+    torch._dynamo.reset()
+
+
 def test_passes_option_and_resnet18_counts():
     torchvision = pytest.importorskip("torchvision")
     torch.manual_seed(0)

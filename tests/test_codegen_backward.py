@@ -10,6 +10,8 @@ on CUDA without it; otherwise the kernel tests are skipped.
 """
 from __future__ import annotations
 
+import importlib.util
+
 import os
 import subprocess
 import sys
@@ -478,13 +480,18 @@ def test_wide_dyt_rows_are_tiled():
     assert got[1].abs().item() > 0
 
 
-def test_wide_rows_with_statistics_or_a_per_row_gradient_return_none():
+def test_wide_rows_with_statistics_or_a_per_row_gradient_are_not_planned():
     """Not tiled: RMSNorm rows wider than a block (the statistic spans blocks), and a tiled
-    region's per-row input gradient (it sums over column blocks)."""
+    region's per-row input gradient (it sums over column blocks); the same shapes without the
+    per-row gradient are planned (the planner itself is asked: no kernel target needed)."""
     rms = _spec([("rms_norm", ["x", "w"], {"eps": 1e-6, "eps_arg": 1e-6, "reduce_ndim": 1})], ["x", "w"], [0], 0)
-    x = torch.randn(2, 8200)
-    assert backward.run_backward(rms, [x, torch.randn(8200)], [torch.ones_like(x)], [True, True]) is None
-    assert backward.run_backward(_GLU, [x, torch.randn(2, 1)], [torch.ones_like(x)], [True, True]) is None
+    x, dy = torch.randn(2, 8200), torch.ones(2, 8200)
+    assert backward._plan(rms, [x, torch.randn(8200)], [dy], [True, True], "interpreter") == "unsupported"
+    per_row = torch.randn(2, 1)
+    assert backward._plan(_GLU, [x, per_row], [dy], [True, True], "interpreter") == "unsupported"
+    if importlib.util.find_spec("triton") is not None:  # (planning loads the kernel module)
+        plan = backward._plan(_GLU, [x, per_row], [dy], [True, False], "interpreter")
+        assert plan != "unsupported" and plan.grid[1] == 3  # 8200 columns in blocks of 4096
 
 
 def test_calls_autograd_must_see_return_none():

@@ -4,7 +4,8 @@
 
 The domain is seen as `M` rows of `N` elements, N the product of the norm's reduced trailing dims
 (the last dim for DyT, which reduces nothing). Each program walks a strided set of row blocks
-(`ROWS` rows of `BLOCK_N >= N` columns: a row fits in registers) and for each:
+(`ROWS` rows of `BLOCK_N >= N` columns, a row in registers; for wider rows see "tiled" below)
+and for each:
 
   1. recomputes the forward in the compute dtype (float32; float64 for float64 regions) with the
      forward kernel's per-node rounding and its row statistics (the same expressions, `ir.OPS`);
@@ -21,8 +22,10 @@ The domain is seen as `M` rows of `N` elements, N the product of the norm's redu
         scalar  (DyT's alpha, SmeLU's beta): summed into the accumulator, one value per program
 
      and the host sums the (P, N) / (P,) partials with one `.sum(0)` (as Liger-Kernel does): no
-     (M, N) temporary for a broadcast input. P is the number of programs: one per row block
-     when nothing is reduced over rows, else about 32 resident warps' worth per multiprocessor.
+     (M, N) temporary for a broadcast input. P is the number of programs along the rows: one
+     per row block when nothing is reduced over rows, else about 32 resident warps' worth per
+     multiprocessor (a tiled launch has that many per column block, and P x column blocks
+     scalar partials; whether that count suits a GPU is not measured).
      Two full inputs with the same gradient (a residual add's operands) share one tensor,
      written once, as eager autograd returns one tensor for both.
 
@@ -521,10 +524,11 @@ def choose_config(M: int, N: int, ct: str) -> tuple[int, int, int]:
 
 def _programs(device: torch.device, target: str, n_blocks: int, reduces: bool, warps: int,
               per_sm: int | None = None) -> int:
-    """How many programs: one per row block, unless broadcast inputs' gradients are reduced over
-    rows; then about WARPS_PER_SM / num_warps per multiprocessor (`per_sm` overrides; 4 programs
-    in the interpreter), each looping over its share of the row blocks, so the (programs, N)
-    partial sums stay small."""
+    """How many programs along the rows: one per row block, unless broadcast inputs' gradients
+    are reduced over rows; then about WARPS_PER_SM / num_warps per multiprocessor (`per_sm`
+    overrides; 4 programs in the interpreter), each looping over its share of the row blocks, so
+    the (programs, N) partial sums stay small. (A tiled launch multiplies this by its column
+    blocks.)"""
     if not reduces:
         return n_blocks
     if target != "cuda":

@@ -73,7 +73,7 @@ def fold_bias(b, gamma, beta, mean, var, eps, dtype=None):
 def _bn(producer, where=None):
     return Op(ops.batch_norm, input=producer, weight=Param("gamma", optional=True),
               bias=Param("beta", optional=True), running_mean=Param("mean"), running_var=Param("var"),
-              training=Lit(False, what="training"), eps=Any("eps"), name="bn", where=where)
+              training=Lit(False, what="training"), eps=Lit(name="eps"), name="bn", where=where)
 
 
 CONV_BN = _bn(Op(ops.conv, input=Any("x"), weight=Param("w"), bias=Param("b", optional=True),

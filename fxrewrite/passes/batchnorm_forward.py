@@ -264,6 +264,8 @@ def _bn_reason(bn: fx.Node) -> str | None:
         v = ops.arg(bn, name)
         if (v is None and name.startswith("running")) or (v is not None and not _constant(v)):
             return f"its {name} is {'missing' if v is None else 'computed'}, not a constant"
+    if isinstance(ops.arg(bn, "eps"), fx.Node):  # torch.compile(dynamic=True) passes float attributes in
+        return f"its eps is computed ({ops.arg(bn, 'eps').name}), not a literal"
     shape = tensor_shape(bn)
     return None if shape is None or len(shape) >= 2 else f"its input has rank {len(shape)}, no channel axis"
 

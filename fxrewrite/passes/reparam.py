@@ -242,6 +242,8 @@ def _batch_norm_step(node, ctx, out):
     names = ("weight", "bias", "running_mean", "running_var")
     if any(var(ops.arg(node, n)) for n in names) or ops.arg(node, "running_mean") is None:
         raise _NotLinear("batch norm without constant statistics")
+    if isinstance(ops.arg(node, "eps"), fx.Node):  # torch.compile(dynamic=True) passes float attributes in
+        raise _NotLinear("batch norm with a computed eps")
     rank = len(tensor_shape(x) or ())
     domain = {4: "conv", 2: "linear"}.get(rank)
     if domain is None:
