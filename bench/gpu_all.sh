@@ -41,7 +41,7 @@ stage() {  # stage NAME LIMIT_S COMMAND...: run, keep the output, say how it end
 for s in $stages; do
     case $s in
     tests)
-        stage test_gpu 150 python -m pytest -q -p no:cacheprovider tests/test_gpu.py
+        stage test_gpu 300 python -m pytest -q -p no:cacheprovider tests/test_gpu.py
         stage test_codegen_cuda 150 python -m pytest -q -p no:cacheprovider -x tests/test_codegen.py \
             tests/test_host_overhead.py tests/test_codegen_compiled.py $(ls tests/test_codegen_glu.py tests/test_codegen_backward.py 2>/dev/null) ;;
     norm)
