@@ -25,9 +25,7 @@ between instances of a module class (two copies of a model, or layers compiled o
 needs its own folded weights, so the graph is frozen and optimised again for that instance (a
 variant; at most `max_variants` alive per graph, 8 by default; past that, such calls run Dynamo's
 graph eagerly, with a warning). A graph compiled for dynamic shapes gets no variants (one built
-at a call would be compiled for that call's sizes): other instances run Dynamo's graph. Module
-float attributes that `dynamic=True` passes in as 0-d tensors (a norm's eps) are frozen as
-literals (`freeze._is_module_float`) and checked by value on each call.
+at a call would be compiled for that call's sizes): other instances run Dynamo's graph.
 
 Options, through `torch.compile(model, backend="rewrite", options={...})`:
     passes    pass names / presets / Pass objects (default `passes.DEFAULT`, exact passes)
@@ -103,8 +101,8 @@ def rewrite_backend(gm: fx.GraphModule, example_inputs, **kwargs) -> Callable:
 
     def another_instance(inputs):  # the same inputs frozen (Dynamo's guards held: same grad mode)
         try:
-            return _optimise(gm, placeholders, inputs, steps(), options, compiler, indices=first.tensors,
-                             floats=dict.fromkeys(first.floats), then="running it unoptimised for these weights")
+            return _optimise(gm, placeholders, inputs, steps(), options, compiler, indices=set(first.frozen),
+                             then="running it unoptimised for these weights")
         except Exception as e:  # noqa: BLE001  (freezing or the final compiler: never the user's call)
             warnings.warn(f"rewrite backend: optimising the graph for another instance's weights failed "
                           f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})")
@@ -119,14 +117,13 @@ def _symbolic(example_inputs) -> bool:
         isinstance(d, torch.SymInt) for d in x.shape) for x in example_inputs)
 
 
-def _optimise(gm: fx.GraphModule, placeholders, inputs, steps, options: dict, compiler, indices=None, floats=None,
-              then=""):
-    """Freeze `gm`'s weights as found in `inputs` (those at `indices` / `floats` if given), run
-    the pipeline on the frozen copy, compile: a `_Variant`, or None when the pipeline raised
-    (reported, with a warning: an optimisation bug must not break the user's compile)."""
+def _optimise(gm: fx.GraphModule, placeholders, inputs, steps, options: dict, compiler, indices=None, then=""):
+    """Freeze `gm`'s weights as found in `inputs` (those at `indices` if given), run the pipeline
+    on the frozen copy, compile: a `_Variant`, or None when the pipeline raised (reported, with a
+    warning: an optimisation bug must not break the user's compile)."""
     report = Report()
     _remember(report)
-    work, frozen, literals = freeze_parameters(gm, placeholders, inputs, report, indices, floats)
+    work, frozen = freeze_parameters(gm, placeholders, inputs, report, indices)
     try:
         run_pipeline(work, steps, report)
     except Exception as e:  # noqa: BLE001
@@ -136,40 +133,33 @@ def _optimise(gm: fx.GraphModule, placeholders, inputs, steps, options: dict, co
         _print(options, report)
         return None
     _print(options, report)
-    compiled = compiler(work, [x for i, x in enumerate(inputs) if i not in frozen and i not in literals])
-    return _Variant(compiled, {i: inputs[i] for i in frozen}, literals)
+    compiled = compiler(work, [x for i, x in enumerate(inputs) if i not in frozen])
+    return _Variant(compiled, frozen, {i: inputs[i] for i in frozen})
 
 
 class _Variant:
     """A compiled graph frozen for one set of weights, known by weak references to the tensors
     it was frozen from (their identity and in-place version; a dead one never matches, so a
-    discarded model's variant is dropped, not mistaken for a new tensor at the same address) and
-    by the values of the module float attributes it took as literals (Dynamo passes those as a
-    new tensor each call: their value is compared, ~1 µs each). `compiled` None: these weights
-    run Dynamo's graph (optimising for them failed)."""
+    discarded model's variant is dropped, not mistaken for a new tensor at the same address).
+    `compiled` None: these weights run Dynamo's graph (optimising for them failed)."""
 
     SAME, CHANGED, OTHER = "same", "changed", "other"
 
-    def __init__(self, compiled, tensors: dict, floats: dict):
+    def __init__(self, compiled, frozen: set[int], tensors: dict):
         self.compiled = compiled
-        self.tensors, self.floats = set(tensors), dict(floats)
-        self.frozen = self.tensors | set(self.floats)  # the inputs the compiled graph does not take
+        self.frozen = frozen
         self.keys = [(i, weakref.ref(t), t._version) for i, t in tensors.items()]
-        self.stale = compiled is None  # (also set when one of its weights is modified in place)
+        self.stale = compiled is None  # (also set when one of its tensors is modified in place)
 
     def state(self, args) -> str:
-        """SAME: these are its tensors and float values, unchanged; CHANGED: its tensors, one
-        modified in place since or a float attribute set to another value; OTHER: not all of
-        them its tensors (another instance's)."""
+        """SAME: these are its tensors, unchanged; CHANGED: its tensors, one modified in place
+        since; OTHER: not all of them its tensors (another instance's)."""
         changed = False
         for i, ref, version in self.keys:
             a = args[i]
             if a is not ref():
                 return self.OTHER
             if a._version != version:
-                changed = True
-        for i, value in self.floats.items():
-            if args[i].item() != value:
                 changed = True
         return self.CHANGED if changed else self.SAME
 
@@ -190,7 +180,6 @@ class _Guarded:
 
     def __init__(self, first: _Variant, original: fx.GraphModule, another_instance, limit: int, why: str):
         self.variants = [first]
-        self.tensors = first.tensors  # the inputs every variant holds by identity
         self.original = original
         self.another_instance = another_instance
         self.limit, self.why = limit, why
@@ -210,7 +199,8 @@ class _Guarded:
         if len(self.variants) < self.limit:
             v = self.another_instance(args)
             if v is None:  # remembered: these weights run Dynamo's graph, not another attempt per call
-                v = _Variant(None, {i: args[i] for i in self.tensors}, {})
+                frozen = self.variants[0].frozen if self.variants else set()
+                v = _Variant(None, frozen, {i: args[i] for i in frozen})
             self.variants.append(v)
             return self.original(*args) if v.stale else v(args)
         if not self.warned_limit:

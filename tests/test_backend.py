@@ -234,8 +234,8 @@ def test_a_failure_for_another_instance_is_remembered(monkeypatch):
 def test_a_dynamic_graph_is_not_refrozen_per_instance():
     """A graph compiled for dynamic sizes keeps one variant: another instance runs Dynamo's
     graph (one warning saying why), right for every batch size. dynamic=True also passes the
-    BatchNorm modules' float eps in as graph values: they are frozen as literals (their values
-    checked per call), so every BN still folds; an eps changed afterwards is not served stale."""
+    BatchNorms' float eps in as a graph value: those folds are skipped with the reason, the
+    functional BN's literal eps still folds, and the pipeline does not fail."""
     torch._dynamo.reset()
     a, b = Net().eval(), Net().eval()
     rec = Recorder()
@@ -246,9 +246,8 @@ def test_a_dynamic_graph_is_not_refrozen_per_instance():
         for n in (2, 3):
             x = torch.randn(n, 3, 8, 8)
             torch.testing.assert_close(ca(x), a(x), rtol=1e-5, atol=1e-5)
-    records = backend.last_report().records
-    assert any("4 module float attributes" in r.detail for r in records if r.pass_name == "backend")  # eps, momentum
-    assert sum(r.pass_name == "fold_batchnorm" and r.action == "rewrote" for r in records) == 3
+    details = [r.detail for r in backend.last_report().records if r.pass_name == "fold_batchnorm"]
+    assert sum("eps is computed" in d for d in details) == 2 and any(d.startswith("fold_bn_into_conv: [") for d in details)
     with torch.no_grad():
         x = torch.randn(2, 3, 8, 8)
         with pytest.warns(UserWarning, match="dynamic shapes"):
@@ -257,26 +256,8 @@ def test_a_dynamic_graph_is_not_refrozen_per_instance():
         for n in (2, 5):
             x = torch.randn(n, 3, 8, 8)
             torch.testing.assert_close(cb(x), b(x), rtol=1e-5, atol=1e-5)
-        assert len(rec.graphs) == 1
-        a.bn1.eps = 0.5
-        x = torch.randn(3, 3, 8, 8)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # (a fallback warning, or Dynamo recompiling)
-            torch.testing.assert_close(ca(x), a(x), rtol=1e-5, atol=1e-5)
+    assert len(rec.graphs) == 1
     torch._dynamo.reset()
-
-
-def test_a_variant_knows_its_tensors_by_identity_and_its_floats_by_value():
-    """The per-call check: the same tensor unchanged is SAME; written in place, or a frozen float
-    attribute passed with another value, CHANGED; another tensor, OTHER."""
-    w = torch.randn(3)
-    v = backend._Variant(lambda *a: None, {0: w}, {1: 1e-5})
-    eps = torch.tensor(1e-5, dtype=torch.float64)  # Dynamo passes a new 0-d tensor each call
-    assert v.state([w, eps.clone()]) == v.SAME
-    assert v.state([w, torch.tensor(0.5, dtype=torch.float64)]) == v.CHANGED
-    assert v.state([w.clone(), eps]) == v.OTHER
-    w.add_(1.0)
-    assert v.state([w, eps]) == v.CHANGED
 
 
 def test_passes_option_and_resnet18_counts():

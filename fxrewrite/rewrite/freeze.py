@@ -23,29 +23,13 @@ from .report import Report
 from .shapes import tensor_metadata
 
 
-def _source(node: fx.Node) -> str:
+def _is_param_or_buffer(node: fx.Node) -> bool:
+    """A placeholder Dynamo created for a module parameter or buffer (not a user input)."""
     grapharg = node.meta.get("grapharg")
     source = getattr(grapharg, "source", None)
     name = source.name if source is not None else ""
-    return name() if callable(name) else name
-
-
-def _is_param_or_buffer(node: fx.Node) -> bool:
-    """A placeholder Dynamo created for a module parameter or buffer (not a user input)."""
-    name = _source(node)
+    name = name() if callable(name) else name
     return "_parameters" in name or "_buffers" in name
-
-
-_MODULE_ATTRIBUTE = re.compile(r"^L\['self'\].*\.[A-Za-z_]\w*$|\._modules\[.*\.[A-Za-z_]\w*$")
-
-
-def _is_module_float(node: fx.Node, value) -> bool:
-    """A float attribute of a module (a BatchNorm's eps) that `torch.compile(dynamic=True)` passes
-    in as a 0-d tensor read by `.item()` (an unspecialised float), not a user's input."""
-    return (isinstance(value, torch.Tensor) and not isinstance(value, FakeTensor) and value.dim() == 0
-            and value.is_floating_point() and not value.requires_grad
-            and _MODULE_ATTRIBUTE.search(_source(node)) is not None and bool(node.users)
-            and all(u.op == "call_method" and u.target == "item" for u in node.users))
 
 
 def _written(graph: fx.Graph) -> Callable[[fx.Node], bool]:
@@ -94,15 +78,12 @@ def _export_style_meta(node: fx.Node):
         node.meta["tensor_meta"] = tensor_metadata(val)
 
 
-def freeze_parameters(gm: fx.GraphModule, placeholders, example_inputs, report: Report, indices=None,
-                      floats=None):
+def freeze_parameters(gm: fx.GraphModule, placeholders, example_inputs, report: Report, indices=None):
     """A copy of `gm` where each parameter/buffer placeholder not mutated by the graph is a
-    `get_attr` buffer holding the real tensor (detached: same storage, no autograd), and each
-    module float attribute passed in as a tensor (`_is_module_float`) is its value, a literal.
-    Returns (copy, indices of the frozen tensors, {index: value} of the frozen floats). `gm`
-    itself is left as it was. `indices` / `floats`: freeze these inputs instead of deciding (the
-    backend freezing a graph again for other weights: Dynamo drops the placeholders' sources once
-    the graph is compiled)."""
+    `get_attr` buffer holding the real tensor (detached: same storage, no autograd). Returns
+    (copy, indices of the frozen inputs). `gm` itself is left as it was. `indices`: freeze these
+    inputs instead of deciding (the backend freezing a graph again for other weights: Dynamo
+    drops the placeholders' sources once the graph is compiled)."""
     graph = fx.Graph()
     remap: dict[fx.Node, fx.Node] = {}
     graph.output(graph.graph_copy(gm.graph, remap))
@@ -114,19 +95,8 @@ def freeze_parameters(gm: fx.GraphModule, placeholders, example_inputs, report: 
         n for n, _ in work.named_parameters()}
     first = next((n for n in graph.nodes if n.op != "placeholder"), None)
     written = _written(gm.graph) if indices is None else None
-    literals: dict[int, float] = {}
     for i, old in enumerate(placeholders):
         value = example_inputs[i]
-        if (i in floats) if floats is not None else (indices is None and _is_module_float(old, value)):
-            literals[i] = float(value.item())
-            node = remap[old]
-            for item in list(node.users):
-                for user in list(item.users):
-                    user.args = fx.node.map_arg(user.args, lambda a, item=item, v=literals[i]: v if a is item else a)
-                    user.kwargs = fx.node.map_arg(user.kwargs, lambda a, item=item, v=literals[i]: v if a is item else a)
-                graph.erase_node(item)
-            graph.erase_node(node)
-            continue
         if indices is not None:
             if i not in indices:
                 continue
@@ -142,11 +112,10 @@ def freeze_parameters(gm: fx.GraphModule, placeholders, example_inputs, report: 
         graph.erase_node(node)
         frozen.append(i)
     report.note("backend", "graph", f"froze {len(frozen)} of {len(placeholders)} graph inputs "
-                                    f"(parameters/buffers) as constants"
-                + (f", and {len(literals)} module float attributes (as eps) as literals" if literals else ""))
+                                    f"(parameters/buffers) as constants")
     graph.lint()
     work.recompile()
-    kept = [x for i, x in enumerate(example_inputs) if i not in frozen and i not in literals]
+    kept = [x for i, x in enumerate(example_inputs) if i not in frozen]
     if all(isinstance(x, torch.Tensor) and not isinstance(x, FakeTensor) for x in kept):
         work.meta["example_inputs"] = (tuple(kept), {})  # real values: passes that measure can run
-    return work, set(frozen), literals
+    return work, set(frozen)
