@@ -99,9 +99,11 @@ def rewrite_backend(gm: fx.GraphModule, example_inputs, **kwargs) -> Callable:
     if _symbolic(example_inputs):  # a later variant would be compiled for one call's sizes, and serve all
         limit, why = 1, "the graph was compiled for dynamic shapes: compile with dynamic=False, or the whole model"
 
+    frozen = first.frozen  # (not `first` itself: a closure over it would keep its weights alive)
+
     def another_instance(inputs):  # the same inputs frozen (Dynamo's guards held: same grad mode)
         try:
-            return _optimise(gm, placeholders, inputs, steps(), options, compiler, indices=set(first.frozen),
+            return _optimise(gm, placeholders, inputs, steps(), options, compiler, indices=frozen,
                              then="running it unoptimised for these weights")
         except Exception as e:  # noqa: BLE001  (freezing or the final compiler: never the user's call)
             warnings.warn(f"rewrite backend: optimising the graph for another instance's weights failed "
@@ -180,6 +182,7 @@ class _Guarded:
 
     def __init__(self, first: _Variant, original: fx.GraphModule, another_instance, limit: int, why: str):
         self.variants = [first]
+        self.frozen = first.frozen  # the inputs every variant freezes (kept when `first` is dropped)
         self.original = original
         self.another_instance = another_instance
         self.limit, self.why = limit, why
@@ -199,8 +202,7 @@ class _Guarded:
         if len(self.variants) < self.limit:
             v = self.another_instance(args)
             if v is None:  # remembered: these weights run Dynamo's graph, not another attempt per call
-                frozen = self.variants[0].frozen if self.variants else set()
-                v = _Variant(None, frozen, {i: args[i] for i in frozen})
+                v = _Variant(None, self.frozen, {i: args[i] for i in self.frozen})
             self.variants.append(v)
             return self.original(*args) if v.stale else v(args)
         if not self.warned_limit:

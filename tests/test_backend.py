@@ -210,6 +210,34 @@ def test_discarded_instances_free_their_variant_slots():
     assert len(rec.graphs) == backend.MAX_VARIANTS + 3
 
 
+def test_a_dropped_variant_frees_its_compiled_graph():
+    """When the guard drops a variant (its instance was discarded), nothing else in the backend
+    keeps that variant's compiled graph, which holds the instance's frozen weights: not the
+    first variant either (the closure that builds later variants keeps only the frozen indices)."""
+    import gc
+    import weakref
+    torch._dynamo.reset()
+    graphs, guards = [], []
+
+    def compiler(gm, example_inputs):
+        graphs.append(weakref.ref(gm))
+        return gm.forward
+
+    def capturing(gm, example_inputs):  # the backend, with its result kept for the test
+        guards.append(backend.rewrite_backend(gm, example_inputs, options={"compiler": compiler}))
+        return guards[-1]
+    a = Net().eval()
+    x = torch.randn(1, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(a, backend=capturing)(x), a(x), rtol=1e-5, atol=1e-5)
+    [guard] = guards
+    assert len(graphs) == 1 and graphs[0]() is not None
+    guard.variants.clear()  # what dropping a discarded instance's variant does
+    gc.collect()
+    assert graphs[0]() is None
+    torch._dynamo.reset()
+
+
 def test_a_failure_for_another_instance_is_remembered(monkeypatch):
     """If optimising for a second instance's weights fails, that instance runs Dynamo's graph
     (right values, one warning), and later calls do not try again."""
