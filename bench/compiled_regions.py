@@ -121,18 +121,22 @@ def run(n, layers, shapes, device, dtype, rounds, warmup):
         x = torch.randn(*shape, n, device=device, dtype=dtype)
         fns = {"inductor": compiled(model, False, x), "opaque": compiled(lowered, True, x),
                "traced": compiled(lowered, False, x)}
-        with torch.no_grad():
-            ref = model(x)
-            errs = {k: float((f(x) - ref).abs().max() / ref.abs().max()) for k, f in fns.items()}
-        sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
-        ms = medians_interleaved({k: (lambda x, f=f: (f(x), sync())) for k, f in fns.items()}, x, warmup, rounds)
-        calls = {}
-        for k, f in fns.items():
-            calls[k], table_text = region_calls(f, x)
-            if k == "traced" and not trace:
-                trace = table_text
-        rows.append(_row(f"stack {'x'.join(map(str, (*shape, n)))}", regions, ms, calls, errs))
+        row, table_text = _measure(f"stack {'x'.join(map(str, (*shape, n)))}", regions, model, fns, x, rounds, warmup)
+        rows.append(row)
+        trace = trace or table_text
     return rows, trace
+
+
+def _measure(name, regions, model, fns, x, rounds, warmup) -> tuple[dict, str]:
+    """The table row of the variants `fns` on input `x` (each compiled and called already), and
+    the profiler table of one forward of the traced variant."""
+    with torch.no_grad():
+        ref = model(x)
+        errs = {k: float((f(x) - ref).abs().max() / ref.abs().max()) for k, f in fns.items()}
+    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
+    ms = medians_interleaved({k: (lambda x, f=f: (f(x), sync())) for k, f in fns.items()}, x, warmup, rounds)
+    profiled = {k: region_calls(f, x) for k, f in fns.items()}
+    return _row(name, regions, ms, {k: calls for k, (calls, _) in profiled.items()}, errs), profiled["traced"][1]
 
 
 def _row(name, regions, ms, calls, errs) -> dict:
@@ -173,13 +177,7 @@ def run_llama(shapes, device, dtype, rounds, warmup):
         fns = {"inductor": compiled(model, False, ids), "opaque": compiled(model, True, ids, **rewrite),
                "traced": compiled(model, False, ids, **rewrite)}
         regions = sum(r.pass_name == "lower_triton" and r.action == "rewrote" for r in backend.last_report().records)
-        with torch.no_grad():
-            ref = model(ids)
-            errs = {k: float((f(ids) - ref).abs().max() / ref.abs().max()) for k, f in fns.items()}
-        sync = torch.cuda.synchronize if ids.is_cuda else (lambda: None)
-        ms = medians_interleaved({k: (lambda x, f=f: (f(x), sync())) for k, f in fns.items()}, ids, warmup, rounds)
-        calls = {k: region_calls(f, ids)[0] for k, f in fns.items()}
-        rows.append(_row(f"llama {batch}x{seq}", regions, ms, calls, errs))
+        rows.append(_measure(f"llama {batch}x{seq}", regions, model, fns, ids, rounds, warmup)[0])
     return rows
 
 

@@ -190,13 +190,8 @@ def test_cuda_region_traces_to_its_kernel(monkeypatch, dynamic):
     from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.delenv("FXREWRITE_CODEGEN", raising=False)
-    _, fast, xs = _lowered()
-    seen = []
-    run = runtime.run
-    monkeypatch.setattr(runtime, "run", lambda spec, inputs: seen.append((spec, inputs)) or run(spec, inputs))
-    with torch.no_grad():
-        fast(*xs)
-    [(spec, inputs)] = seen
+    model, _, xs = _lowered()
+    [(spec, inputs)] = _region_calls(model, xs, monkeypatch)
     shapes = [tuple(t.shape) for t in inputs]
     gm = _trace_functional(lambda *t: OP(spec, list(t)), _fake_cuda(shapes, dynamic))
     assert _region_ops(gm) == 0

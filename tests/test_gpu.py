@@ -213,10 +213,7 @@ def test_torch_compile_launches_the_region_kernel_itself():
 
 
 def _compiled_kinds():
-    import sys
-    from pathlib import Path
-    sys.path.insert(0, str(Path(__file__).parent))
-    from test_codegen_compiled import _kinds
+    from test_codegen_compiled import _kinds  # (tests/ is on the path, as for conftest's helpers)
     return _kinds()
 
 

@@ -33,6 +33,7 @@ cache (`torch._inductor.utils.fresh_inductor_cache()`).
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 from pathlib import Path
 
@@ -46,19 +47,20 @@ from .runtime import _env, _plan_launch, backend_for, bind, fused_region, use_in
 MODE_ENV = "FXREWRITE_COMPILED_REGIONS"
 
 
-_SOURCE_HASH: list[str] = []  # computed once: the hash of codegen/*.py
+@functools.cache
+def _source_hash() -> str:
+    """The hash of codegen/*.py (read once per process)."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(__file__).parent.glob("*.py")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def build_tag() -> str:
     """What the region op compiles to, as a short string: the hash of the code generation sources
     and the settings `_decompose` reads. (A constant to Dynamo: read once per compilation.)"""
-    if not _SOURCE_HASH:
-        digest = hashlib.sha256()
-        for path in sorted(Path(__file__).parent.glob("*.py")):
-            digest.update(path.name.encode() + b"\0" + path.read_bytes())
-        _SOURCE_HASH.append(digest.hexdigest()[:16])
     settings = [_env(name) or "" for name in (MODE_ENV, "FXREWRITE_CODEGEN", "TRITON_INTERPRET")]
-    return ":".join([_SOURCE_HASH[0], *settings])
+    return ":".join([_source_hash(), *settings])
 
 
 # what torch.compiler.assume_constant_result(build_tag) does, without importing Dynamo (1.3 s)

@@ -268,7 +268,7 @@ def run_triton(spec_text: str, inputs: list[torch.Tensor], config=None) -> list[
     return outs
 
 
-_NO_KERNEL = "no kernel"  # a cached plan for inputs that take the reference (`backend_for`)
+_NO_KERNEL = "no kernel"  # a cached plan for inputs no kernel takes (`kernel_takes`): the reference runs
 
 
 def launch_args(spec_text: str, inputs: list[torch.Tensor], config=None):
