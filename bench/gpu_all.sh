@@ -9,7 +9,7 @@
 # Stages: tests (tests/test_gpu.py + the CUDA runs of the codegen tests), norm (bench/gpu_norm.py
 # at large shapes), decode (gpu_norm.py at 1..64 rows: launch included), host (host_overhead.py
 # on CUDA and, with TRITON_INTERPRET=1, on this machine's CPU), glu (bench/gpu_glu.py),
-# backward (bench/gpu_norm_backward.py), compiled (bench/compiled_regions.py on CUDA: regions
+# backward (bench/gpu_norm_backward.py; rows of 16384, the looped kernel, too), compiled (bench/compiled_regions.py on CUDA: regions
 # inside Inductor's code, against Inductor alone and the opaque op). Uses the installed torch/triton; the repo needs no
 # install (PYTHONPATH is set to it).
 set -u
@@ -57,7 +57,8 @@ for s in $stages; do
     glu)
         [ -f bench/gpu_glu.py ] && stage gpu_glu 150 python bench/gpu_glu.py ;;
     backward)
-        [ -f bench/gpu_norm_backward.py ] && stage gpu_norm_backward 150 python bench/gpu_norm_backward.py ;;
+        [ -f bench/gpu_norm_backward.py ] && stage gpu_norm_backward 150 python bench/gpu_norm_backward.py
+        stage gpu_norm_backward_wide 120 python bench/gpu_norm_backward.py --M 64 4096 --N 16384 ;;
     compiled)
         stage compiled_regions_cuda 200 python bench/compiled_regions.py --device cuda --rounds 31 ;;
     *) echo "unknown stage $s" ;;

@@ -276,7 +276,7 @@ def run_smoke(args):
         print("--smoke on CPU needs TRITON_INTERPRET=1 (set before Python starts)", file=sys.stderr)
         sys.exit(2)
     for name in REGIONS:
-        for M, N in ((3, 7), (5, 40)):
+        for M, N in ((3, 7), (5, 40), (2, 8200)):  # (8200: wider than a block, the looped kernel)
             for dtype in (torch.float32, torch.bfloat16):
                 case = Case(name, M, N, dtype, "cpu")
                 xs = case.leaves()

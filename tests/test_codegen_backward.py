@@ -26,7 +26,7 @@ from fxrewrite import optimize
 from fxrewrite.codegen import backward, ir, runtime
 from fxrewrite.codegen.reference import run_reference
 from fxrewrite.rewrite.attrs import fetch_attr
-from fxrewrite.rewrite.nn import DyT, SmeLU
+from fxrewrite.rewrite.nn import ELN, DyT, PartialRMSNorm, SmeLU
 
 # the interpreter evaluates masked-off lanes too (an exp that overflows, a 0/0): never stored
 pytestmark = [pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning"),
@@ -41,7 +41,9 @@ needs_kernel = pytest.mark.skipif(DEVICE is None, reason="no Triton target: set 
 # rest <= 1e-6), float64 <= 1.1e-15, float16 <= 5.9e-4, bfloat16 <= 3.1e-2 (DyT + SmeLU: eager
 # rounds each op's value and gradient to bfloat16, the kernel keeps float32; against float64
 # gradients the kernel is 6.3e-3 off, eager 2.6e-2). Half precision is also checked against
-# float64 gradients: the kernel must be about as close as eager or closer.
+# float64 gradients: the kernel must be about as close as eager or closer; where it is further
+# from eager than the tolerance, the float64 gradient decides (ELN's scalar beta in bfloat16, a
+# sum over 700 elements: eager 5.9% off the float64 gradient, the kernel 0.47%).
 TOL = {torch.float64: (1e-10, 1e-12), torch.float32: (2e-5, 2e-6), torch.float16: (4e-3, 4e-3),
        torch.bfloat16: (3e-2, 2e-2)}
 WORST: dict = {}  # dtype -> worst scaled error seen (printed with -s)
@@ -108,13 +110,24 @@ def check(spec_text, ins, grad_mask=None, needs=None, dtype=None, grads=None):
     got = backward.run_backward(spec_text, ins, grads, needs)
     assert got is not None, backward.unsupported(spec)
     assert len(got) == len(ins)
-    for i, (g, w) in enumerate(zip(got, want)):
+    half = dtype in (torch.bfloat16, torch.float16)
+    exact = float64_grads(spec_text, ins, grads, needs) if half else want
+    for i, (g, w, x) in enumerate(zip(got, want, exact)):
+        what = f"input {i} ({tuple(ins[i].shape)}, {ins[i].dtype})"
         if w is None:
             assert g is None or not g.any(), f"input {i}: a gradient eager does not have"
-        else:
-            close(g, w, dtype, f"input {i} ({tuple(ins[i].shape)}, {ins[i].dtype})")
-    if dtype in (torch.bfloat16, torch.float16):
-        no_less_accurate_than_eager(spec_text, ins, grads, needs, got, want)
+            continue
+        try:
+            close(g, w, dtype, what)
+        except AssertionError:
+            if not half:
+                raise
+            # eager rounds every op's gradient to half precision: a sum over many elements (a
+            # scalar's gradient) can drift further from the truth than the tolerance, so the
+            # float64 gradient decides (and below, the kernel must be no further from it)
+            close(g, x.to(w.dtype), dtype, what + " against float64")
+    if half:
+        no_less_accurate_than_eager(got, want, exact)
     return got
 
 
@@ -126,11 +139,15 @@ def as_float64(spec_text: str) -> str:
     return ir.dumps(dict(spec, nodes=nodes, inputs=[dict(i, dtype="float64") for i in spec["inputs"]]))
 
 
-def no_less_accurate_than_eager(spec_text, ins, grads, needs, got, want):
+def float64_grads(spec_text, ins, grads, needs) -> list:
+    """The region's gradients computed in float64 throughout: the exact gradients' stand-in."""
+    return eager_grads(as_float64(spec_text), [t.double() for t in ins],
+                       [None if g is None else g.double() for g in grads], needs)
+
+
+def no_less_accurate_than_eager(got, want, exact):
     """In half precision, compare with float64 gradients: the kernel (float32 adjoints) must be
     about as close to them as eager (which rounds every op's gradient) or closer."""
-    exact = eager_grads(as_float64(spec_text), [t.double() for t in ins],
-                        [None if g is None else g.double() for g in grads], needs)
     for i, (g, w, x) in enumerate(zip(got, want, exact)):
         if x is None:
             continue
@@ -138,8 +155,6 @@ def no_less_accurate_than_eager(spec_text, ins, grads, needs, got, want):
         ours, theirs = ((g.double() - x).abs().max().item() / scale, (w.double() - x).abs().max().item() / scale)
         assert ours <= 1.5 * theirs + 4e-3, f"input {i}: kernel error {ours:.2e} vs eager's {theirs:.2e} (float64 truth)"
 
-
-# ---------------------------------------------------------------- region kinds (built by optimize)
 
 class RMS(nn.Module):
     def __init__(self, n, affine=True):
@@ -218,6 +233,28 @@ class DyTTanh(nn.Module):
         return torch.tanh(self.norm(x))
 
 
+class PRMSSiLU(nn.Module):
+    """pRMSNorm: the statistic reads the first k = floor(p N) columns only."""
+
+    def __init__(self, n, p):
+        super().__init__()
+        self.norm = PartialRMSNorm(n, p=p, eps=1e-6)
+
+    def forward(self, x):
+        return F.silu(self.norm(x))
+
+
+class AddELNGelu(nn.Module):
+    """Residual add, ELN (elementwise: no statistics; a learnable scalar beta), GELU."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.norm = ELN(n, beta_init=3.0)
+
+    def forward(self, x, r):
+        return F.gelu(self.norm(x + r))
+
+
 class RMSBiasAct(nn.Module):
     """RMSNorm, then a bias add and an activation (an MLP-style epilogue)."""
 
@@ -263,6 +300,8 @@ KINDS = {  # name: (module factory of N, number of inputs, ops)
     "bias_relu6": (lambda n: RMSBiasAct(n, F.relu6), 1, ["rms_norm", "add", "hardtanh"]),
     "bias_hardsigmoid": (lambda n: RMSBiasAct(n, F.hardsigmoid), 1, ["rms_norm", "add", "hardsigmoid"]),
     "bias_sigmoid": (lambda n: RMSBiasAct(n, torch.sigmoid), 1, ["rms_norm", "add", "sigmoid"]),
+    "prms_silu": (lambda n: PRMSSiLU(n, 0.3), 1, ["prms_norm", "silu"]),
+    "add_eln_gelu": (AddELNGelu, 2, ["add", "eln", "gelu"]),
 }
 
 
@@ -312,7 +351,8 @@ def test_dyt_alpha_and_smelu_beta_gradients(alpha_shape):
 
 
 @needs_kernel
-@pytest.mark.parametrize("kind", ["rmsnorm", "add_rmsnorm", "layernorm_gelu_tanh", "dyt_smelu", "bias_hardswish"])
+@pytest.mark.parametrize("kind", ["rmsnorm", "add_rmsnorm", "layernorm_gelu_tanh", "dyt_smelu", "bias_hardswish",
+                                  "prms_silu", "add_eln_gelu"])
 def test_gradients_float64(kind):
     make, n_in, _ = KINDS[kind]
     spec, ins = region(make(40), *_inputs((5, 40), n_in, torch.float64), dtype=torch.float64)
@@ -320,7 +360,8 @@ def test_gradients_float64(kind):
 
 
 @needs_kernel
-@pytest.mark.parametrize("kind", ["rmsnorm", "add_rmsnorm", "layernorm_gelu_erf", "rmsnorm_silu", "dyt_smelu"])
+@pytest.mark.parametrize("kind", ["rmsnorm", "add_rmsnorm", "layernorm_gelu_erf", "rmsnorm_silu", "dyt_smelu",
+                                  "prms_silu", "add_eln_gelu"])
 def test_gradients_bfloat16(kind):
     make, n_in, _ = KINDS[kind]
     spec, ins = region(make(100), *_inputs((7, 100), n_in, torch.bfloat16), dtype=torch.bfloat16)
@@ -450,13 +491,6 @@ def test_glu_region_has_a_backward_kernel():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_too_wide_rows_return_none():
-    spec = _spec([("rms_norm", ["x", "w"], {"eps": 1e-6, "eps_arg": 1e-6, "reduce_ndim": 1})], ["x", "w"], [0], 0)
-    x, w = torch.randn(1, 8193), torch.randn(8193)
-    got = backward.run_backward(spec, [x, w], [torch.ones_like(x)], [True, True])
-    assert got is None
-
-
 _GLU = ir.dumps({"version": 1, "inputs": [{"dtype": "float32", "channel_view": 0}] * 2,  # silu(gate) * up
                  "nodes": [{"op": "silu", "args": [["in", 0]], "attrs": {}, "dtype": "float32"},
                            {"op": "mul", "args": [["v", 0], ["in", 1]], "attrs": {}, "dtype": "float32"}],
@@ -480,14 +514,54 @@ def test_wide_dyt_rows_are_tiled():
     assert got[1].abs().item() > 0
 
 
-def test_wide_rows_with_statistics_or_a_per_row_gradient_are_not_planned():
-    """Not tiled: RMSNorm rows wider than a block (the statistic spans blocks), and a tiled
-    region's per-row input gradient (it sums over column blocks); the same shapes without the
-    per-row gradient are planned (the planner itself is asked: no kernel target needed)."""
-    rms = _spec([("rms_norm", ["x", "w"], {"eps": 1e-6, "eps_arg": 1e-6, "reduce_ndim": 1})], ["x", "w"], [0], 0)
-    x, dy = torch.randn(2, 8200), torch.ones(2, 8200)
-    assert backward._plan(rms, [x, torch.randn(8200)], [dy], [True, True], "interpreter") == "unsupported"
-    per_row = torch.randn(2, 1)
+@needs_kernel
+@pytest.mark.parametrize("kind", ["rmsnorm", "add_rmsnorm", "layernorm_gelu_erf", "prologue_rmsnorm_silu_mul",
+                                  "layernorm_no_affine", "prms_silu"])
+def test_wide_norm_rows_loop_over_column_chunks(kind):
+    """RMSNorm/LayerNorm rows wider than one block: the statistics, then the backward's row
+    means, then the gradients, each a pass over column chunks. 9 rows in blocks of 2 on 4
+    programs (with weights): a program adds several row blocks into its weight-gradient
+    partial sums."""
+    make, n_in, _ = KINDS[kind]
+    spec, ins = region(make(8200), *_inputs((9, 8200), n_in))
+    plan = backward._plan(spec, ins, [torch.randn(9, 8200)] * len(ir.loads(spec)["outputs"]), [True] * len(ins),
+                          "interpreter")
+    reduces = "col" in plan.classes  # weights: 4 programs share the 5 row blocks; else one per block
+    assert plan.grid == ((4,) if reduces else (5,)) and plan.consts["BLOCK_N"] == 4096 and plan.consts["ROWS"] == 2
+    check(spec, ins)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_wide_norm_rows_other_dtypes(dtype):
+    """float64 blocks are half as wide (rows of 4100 loop); bfloat16 computes in float32."""
+    n = 4100 if dtype == torch.float64 else 8200
+    spec, ins = region(AddRMS2(n), *_inputs((3, n), 2, dtype), dtype=dtype)
+    check(spec, ins, dtype=dtype)
+
+
+@needs_kernel
+def test_wide_rows_with_a_per_row_input():
+    """A looped region's per-row gradient is summed over the column chunks; with sub, div by
+    the per-row scale, a per-column scale after the norm, hardtanh and a second output."""
+    spec = _spec([("sub", ["x", "r"], {"alpha": 0.5}),
+                  ("div", [("v", 0), "s"], {}),
+                  ("layer_norm", [("v", 1), "w", None], {"eps": 1e-5, "reduce_ndim": 1}),
+                  ("mul", [("v", 2), "c"], {}),
+                  ("hardtanh", [("v", 3)], {"min": -1.0, "max": 2.0}),
+                  ("sub", [("v", 4), ("v", 0)], {})],
+                 ["x", "r", "s", "w", "c"], [1, 5], 2)
+    M, N = 5, 8200
+    ins = [torch.randn(M, N), torch.randn(M, N), torch.rand(M, 1) + 0.5, torch.randn(N), torch.randn(1, N)]
+    got = check(spec, [t.to(DEVICE) for t in ins])
+    assert [tuple(g.shape) for g in got] == [(M, N), (M, N), (M, 1), (N,), (1, N)]
+
+
+def test_a_tiled_regions_per_row_gradient_is_not_planned():
+    """A region without row statistics tiles wide rows over a second grid axis; a per-row
+    input's gradient would sum over the column blocks (programs of their own), so it is not
+    planned; the same shapes without it are (the planner itself is asked)."""
+    x, dy, per_row = torch.randn(2, 8200), torch.ones(2, 8200), torch.randn(2, 1)
     assert backward._plan(_GLU, [x, per_row], [dy], [True, True], "interpreter") == "unsupported"
     if importlib.util.find_spec("triton") is not None:  # (planning loads the kernel module)
         plan = backward._plan(_GLU, [x, per_row], [dy], [True, False], "interpreter")
@@ -527,5 +601,5 @@ def test_bench_smoke_runs_in_the_interpreter():
     proc = subprocess.run([sys.executable, str(root / "bench" / "gpu_norm_backward.py"), "--smoke"], cwd=root,
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count(" ok (max scaled error") == 12
+    assert proc.stdout.count(" ok (max scaled error") == 18  # 3 regions x 3 shapes (one looped) x 2 dtypes
     assert proc.stdout.strip().endswith("smoke ok")

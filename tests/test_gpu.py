@@ -260,3 +260,29 @@ def test_wide_glu_backward_is_tiled_on_cuda():
     want = torch.autograd.grad(F.silu(leaves[0]) * leaves[1], leaves, dy.float())
     for a, b in zip(got, want):
         torch.testing.assert_close(a.float(), b, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("norm", ["rms", "layer"])
+def test_wide_norm_backward_loops_on_cuda(norm):
+    """RMSNorm/LayerNorm over 16384 features (wider than a block): the looped backward kernel,
+    with several row blocks per program (the weight's partial sums added to across them), has
+    the float32 autograd's gradients."""
+    from fxrewrite.codegen import backward, ir
+    n = 16384
+    args = [["in", 0], ["in", 1]] + ([["in", 2]] if norm == "layer" else [])
+    attrs = {"eps": 1e-6, "reduce_ndim": 1} | ({"eps_arg": 1e-6} if norm == "rms" else {})
+    spec = ir.dumps({"version": 1, "inputs": [{"dtype": "bfloat16", "channel_view": 0}] * len(args),
+                     "nodes": [{"op": f"{norm}_norm", "args": args, "attrs": attrs, "dtype": "bfloat16"}],
+                     "outputs": [0], "norm": 0})
+    x = torch.randn(4096, n, device="cuda", dtype=torch.bfloat16)
+    params = [torch.randn(n, device="cuda", dtype=torch.bfloat16) for _ in args[1:]]
+    dy = torch.randn_like(x)
+    got = backward.run_backward(spec, [x, *params], [dy], [True] * len(args))
+    assert got is not None
+    leaves = [t.float().requires_grad_() for t in (x, *params)]
+    y = (F.rms_norm(leaves[0], (n,), leaves[1], 1e-6) if norm == "rms"
+         else F.layer_norm(leaves[0], (n,), leaves[1], leaves[2], 1e-6))
+    want = torch.autograd.grad(y, leaves, dy.float())
+    for a, b in zip(got, want):
+        scale = b.abs().max().item()
+        torch.testing.assert_close(a.float(), b, rtol=2e-2, atol=2e-2 * scale)

@@ -37,10 +37,13 @@ The norms' row reductions (x_hat the normalised row, g = dy * w the gradient at 
 the N columns of the row, masked lanes excluded):
 
     RMSNorm    y = x * rstd * w          dx = rstd * (g - x_hat * mean(g * x_hat)),  dw += dy * x_hat
+    pRMSNorm   as RMSNorm, rstd from the first k columns: dx = rstd * (g - [j < k] x_hat * sum(g * x_hat) / k)
     LayerNorm  y = (x - mean) * rstd * w + b
                dx = rstd * (g - mean(g) - x_hat * mean(g * x_hat)),  dw += dy * x_hat,  db += dy
     DyT        y = tanh(alpha * x) * w + b
                du = dy * w * (1 - t^2),  dx = du * alpha,  dalpha += du * x,  dw += dy * t,  db += dy
+    ELN        y = c * x * s * w + b,  s = (beta + x^2)^-1/2,  c = sqrt(C - 1)
+               du = dy * c * w,  dx = du * beta * s^3,  dbeta += -du * x * s^3 / 2,  dw += dy * c * x * s
 
 A GLU region (`silu(gate) * up`, `gelu(gate) * up`; no norm) is the same kernel without the row
 statistics: the elementwise rules alone, gate's and up's gradients written per element (or
@@ -53,17 +56,25 @@ bfloat16 rounding, not bitwise, and are as close or closer to float64 gradients 
 LayerNorm's two backward row means are one `tl.reduce` over a pair (one round through shared
 memory): on an H200 that moved LayerNorm's backward from 2.14 to 2.40 TB/s at M = 32768, N = 4096.
 
-Rows wider than one block (N > 8192 in float32, 4096 in float64) in a region without row
-statistics (a GLU: LLaMA's intermediate sizes are 11008-28672; DyT) are tiled: a second grid axis
-splits the columns into blocks of 4096 (2048), each program taking one column block of its rows,
-and a scalar input's partial sums are kept per program and column block. RMSNorm and LayerNorm
-rows that wide would need the statistics and the two backward row means over several blocks
-(two more passes), which is not done.
+Rows wider than one block (N > 8192 in float32, 4096 in float64) are split into column chunks
+of 4096 (2048):
+
+  tiled   a region without row statistics (a GLU: LLaMA's intermediate sizes are 11008-28672;
+          DyT, ELN): a second grid axis takes the chunks, each program one chunk of its rows; a
+          scalar input's partial sums are kept per program and chunk.
+  looped  a region with row statistics (RMSNorm, pRMSNorm, LayerNorm: wide models' hidden sizes,
+          8192-16384 and more): each program walks its rows' chunks three times, as the looped
+          forward kernel does for the statistics (`emit.chunked_statistics`), then for the
+          norm's backward row means (the reverse pass down to the norm), then for the whole
+          reverse pass and the stores. A per-column gradient's partial sums live in the
+          program's row of the zeroed (P, N) buffer, added to chunk by chunk (a barrier after
+          each store: the next row block's load of those columns may be another thread's); a
+          per-row one is summed over the chunks. Three reads of the inputs where a row in
+          registers takes one: its GPU speed is not measured.
 
 Not supported (`run_backward` returns None, the caller falls back to autograd of the eager
-reference): BatchNorm, any op without a rule, per-channel
-(`channel_view`) inputs, RMSNorm/LayerNorm rows wider than one block, a per-row input's gradient
-in a tiled region, empty domains, and calls that autograd must see through (a tensor subclass such as a fake or
+reference): BatchNorm, any op without a rule, per-channel (`channel_view`) inputs, a per-row
+input's gradient in a tiled region, empty domains, and calls that autograd must see through (a tensor subclass such as a fake or
 functional tensor, a dispatch mode, torch.compile tracing, a double backward: gradients that
 require grad).
 
@@ -80,7 +91,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .emit import row_statistics
+from .emit import chunked_statistics, needed_for, row_statistics
 from .kernel_cache import CACHE_SIZE, LRU, KernelCache
 from .ir import (DTYPES, OPS, TL_DTYPES, arg_expr, compute_dtype, dtype_name, loads, reduce_ndim, region_name,
                  spec_hash, tanh_expr)
@@ -95,8 +106,8 @@ WARPS_PER_SM = 32  # CUDA: resident warps aimed at per multiprocessor when gradi
 # A rule gets the expressions of its node's arguments (`a`, None for an absent optional tensor),
 # the node's attrs, the name of the node's value `v`, of its adjoint `d`, a prefix `t` for its own
 # temporaries and the target; it returns (lines to write first, {argument index: contribution to
-# that argument's adjoint}). The generator writes only the contributions that are needed: the
-# lines of an unneeded one are dead code (the compiler drops them).
+# that argument's adjoint}[, a norm's row means]). The generator writes only the contributions
+# that are needed: the lines of an unneeded one are dead code (the compiler drops them).
 
 def _lit(v) -> str:
     v = float(v)
@@ -186,26 +197,57 @@ def _smelu(a, at, v, d, t, target):
                    1: f"tl.where({t}mid, {d} * ({t}q - {t}q * {t}q), 0.0)"}
 
 
-def _row_mean(e: str) -> str:
-    """The mean over each row's N columns of [ROWS, BLOCK_N] expression e (masked lanes excluded)."""
-    return f"(tl.sum(tl.where(mask, {e}, 0.0), axis=1) / N)[:, None]"
-
+# The norms' rules also return their row means, [(name, expression, count)]: each name is the
+# sum of its expression over the row's N columns divided by count (N, or pRMSNorm's k), known
+# before the contributions are computed. Where a
+# row fits in a block the generator reduces in registers (`_mean_lines`); wider rows accumulate
+# the means over column chunks in a pass of their own (see `_Source.body_looped`).
 
 def _rms_norm(a, at, v, d, t, target):
     x, w = a
     g = f"{d} * {w}" if w is not None else d
-    lines = [f"{t}xh = {x} * rstd", f"{t}g = {g}", f"{t}c = {_row_mean(f'{t}g * {t}xh')}"]
-    return lines, {0: f"rstd * ({t}g - {t}xh * {t}c)", 1: f"{d} * {t}xh"}
+    lines = [f"{t}xh = {x} * rstd", f"{t}g = {g}"]
+    return lines, {0: f"rstd * ({t}g - {t}xh * {t}c)", 1: f"{d} * {t}xh"}, [(f"{t}c", f"{t}g * {t}xh", "N")]
+
+
+def _prms_norm(a, at, v, d, t, target):
+    # rstd reads the first k columns only: every column's output depends on it, so the row's
+    # sum of g * x_hat (over all N) divided by k reaches the first k columns' gradients alone
+    x, w = a
+    g = f"{d} * {w}" if w is not None else d
+    k = int(at["k"])
+    lines = [f"{t}xh = {x} * rstd", f"{t}g = {g}"]
+    return (lines, {0: f"rstd * ({t}g - tl.where((cols < {k})[None, :], {t}xh, 0.0) * {t}c)", 1: f"{d} * {t}xh"},
+            [(f"{t}c", f"{t}g * {t}xh", str(k))])
 
 
 def _layer_norm(a, at, v, d, t, target):
     x, w, b = a
     g = f"{d} * {w}" if w is not None else d
-    lines = [f"{t}xh = ({x} - mean) * rstd", f"{t}g = {g}",
-             # both row means in one reduction (one round through shared memory, not two)
-             f"{t}c1, {t}c2 = tl.reduce((tl.where(mask, {t}g, 0.0), tl.where(mask, {t}g * {t}xh, 0.0)), 1, _sum2)",
-             f"{t}c1 = ({t}c1 / N)[:, None]", f"{t}c2 = ({t}c2 / N)[:, None]"]
-    return lines, {0: f"rstd * ({t}g - {t}c1 - {t}xh * {t}c2)", 1: f"{d} * {t}xh", 2: d}
+    lines = [f"{t}xh = ({x} - mean) * rstd", f"{t}g = {g}"]
+    return (lines, {0: f"rstd * ({t}g - {t}c1 - {t}xh * {t}c2)", 1: f"{d} * {t}xh", 2: d},
+            [(f"{t}c1", f"{t}g", "N"), (f"{t}c2", f"{t}g * {t}xh", "N")])
+
+
+def _mean_lines(means) -> list[str]:
+    """Row means of [ROWS, BLOCK_N] expressions (masked lanes excluded), reduced in registers;
+    two means in one reduction (one round through shared memory, not two)."""
+    if len(means) == 1:
+        (name, e, count), = means
+        return [f"{name} = (tl.sum(tl.where(mask, {e}, 0.0), axis=1) / {count})[:, None]"]
+    (n1, e1, c1), (n2, e2, c2) = means
+    return [f"{n1}, {n2} = tl.reduce((tl.where(mask, {e1}, 0.0), tl.where(mask, {e2}, 0.0)), 1, _sum2)",
+            f"{n1} = ({n1} / {c1})[:, None]", f"{n2} = ({n2} / {c2})[:, None]"]
+
+
+def _eln(a, at, v, d, t, target):
+    # y = c x s w + b with s = (beta + x^2)^-1/2, c = sqrt(C - 1): dy/dx = c w beta s^3,
+    # dy/dbeta = -c w x s^3 / 2
+    x, beta, w, b = a
+    c = _lit(math.sqrt(at["channels"] - 1))
+    lines = [f"{t}s = 1.0 / tl.sqrt({beta} + {x} * {x})", f"{t}s3 = {t}s * {t}s * {t}s",
+             f"{t}du = {d} * ({c} * {w if w is not None else '1.0'})"]
+    return lines, {0: f"{t}du * {beta} * {t}s3", 1: f"-0.5 * {t}du * {x} * {t}s3", 2: f"{d} * {x} * {t}s * {c}", 3: d}
 
 
 def _dyt(a, at, v, d, t, target):
@@ -219,7 +261,7 @@ RULES = {
     "add": _add, "sub": _sub, "mul": _mul, "div": _div, "identity": _pass, "cast": _pass,
     "relu": _relu, "silu": _silu, "sigmoid": _sigmoid_rule, "tanh": _tanh, "gelu": _gelu,
     "hardtanh": _hardtanh, "hardsigmoid": _hardsigmoid, "hardswish": _hardswish, "smelu": _smelu,
-    "rms_norm": _rms_norm, "layer_norm": _layer_norm, "dyt": _dyt,
+    "rms_norm": _rms_norm, "prms_norm": _prms_norm, "layer_norm": _layer_norm, "dyt": _dyt, "eln": _eln,
 }
 
 
@@ -274,6 +316,7 @@ class BwdLaunch:
     target: str           # "cuda" or "interpreter"
     alias: tuple = ()     # per input: the earlier input whose gradient it shares (not written), or None
     tiled: bool = False   # columns split over a second grid axis (rows wider than a block, no row statistics)
+    looped: bool = False  # each program loops over column chunks (rows wider than a block, row statistics)
 
     def __post_init__(self):
         if not self.alias:
@@ -281,7 +324,7 @@ class BwdLaunch:
 
     def key(self) -> str:
         return (f"bwd{TEMPLATE_VERSION}|{self.classes}|{self.input_dtypes}|{self.grad_dtypes}|{self.wanted}|"
-                f"{self.out_dtypes}|{self.target}|{self.alias}" + ("|tiled" if self.tiled else ""))
+                f"{self.out_dtypes}|{self.target}|{self.alias}" + ("|tiled" if self.tiled else "") + ("|looped" if self.looped else ""))
 
 
 def kernel_name(spec: dict) -> str:
@@ -306,6 +349,9 @@ class _Source:
             norm = self.nodes[spec["norm"]]
             self.norm, self.stats = spec["norm"], OPS[norm["op"]].stats
             self.eps = norm["attrs"].get("eps", 0.0)
+            k = norm["attrs"].get("k")  # pRMSNorm: the statistic reads the first k columns (as `emit`)
+            self.stat_mask = f"mask & (cols < {k})[None, :]" if self.stats == "prms_rstd" else "mask"
+            self.stat_count = str(k) if self.stats == "prms_rstd" else "N"
         seeded = {j for j, g in zip(spec["outputs"], launch.grad_dtypes) if g is not None}
         self.active, _ = active_nodes(spec, launch.wanted, seeded)
 
@@ -373,55 +419,128 @@ class _Source:
             self.w(ind, f"{name} = {name}.to({TL_DTYPES[dtype]}).to({self.CT})")
 
     def body(self):
-        w, L, CT = self.w, self.launch, self.CT
+        w, L = self.w, self.launch
         w(1, "pid = tl.program_id(0)")
         w(1, "nprog = tl.num_programs(0)")
-        w(1, "cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)" if L.tiled else "cols = tl.arange(0, BLOCK_N)")
-        w(1, "cmask = cols < N")
+        if not L.looped:
+            w(1, "cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)" if L.tiled else "cols = tl.arange(0, BLOCK_N)")
+            w(1, "cmask = cols < N")
         used = self._used_inputs()
-        # loop-invariant loads: per-column and scalar inputs
-        for i in used:
-            if L.classes[i] == "col":
-                w(1, f"a{i} = tl.load(in{i} + cols * s{i}_n, mask=cmask, other=0.0).to({CT})[None, :]")
-            elif L.classes[i] == "scalar":
-                w(1, f"a{i} = tl.load(in{i}).to({CT})")
+        for i in used:  # loop-invariant loads: per-column (unless the columns are looped) and scalar inputs
+            if L.classes[i] == "scalar" or L.classes[i] == "col" and not L.looped:
+                self._load(1, i)
         for i in self._stored():
-            if L.classes[i] in ("col", "scalar"):
-                w(1, f"acc{i} = tl.zeros([BLOCK_N], dtype={CT})")
+            if L.classes[i] == "scalar" or L.classes[i] == "col" and not L.looped:
+                w(1, f"acc{i} = tl.zeros([BLOCK_N], dtype={self.CT})")
         w(1, "for rb in range(pid, tl.cdiv(M, ROWS), nprog):")
         w(2, "rows = rb * ROWS + tl.arange(0, ROWS)")
         w(2, "rmask = rows < M")
         w(2, "r64 = rows.to(tl.int64)")
-        w(2, "mask = rmask[:, None] & cmask[None, :]")
-        for i in used:
-            if L.classes[i] == "full":
-                w(2, f"a{i} = tl.load(in{i} + r64[:, None] * s{i}_m + cols[None, :] * s{i}_n, mask=mask, "
-                     f"other=0.0).to({CT})")
-            elif L.classes[i] == "row":
-                w(2, f"a{i} = tl.load(in{i} + r64 * s{i}_m, mask=rmask, other=0.0).to({CT})[:, None]")
-        self.forward(2)
-        self.reverse(2)
-        self.write_gradients(2)
+        if L.looped:
+            self.body_looped(2, used)
+        else:
+            w(2, "mask = rmask[:, None] & cmask[None, :]")
+            for i in used:
+                if L.classes[i] in ("full", "row"):
+                    self._load(2, i)
+            self.forward(2)
+            self.reverse(2, self.steps())
+            self.write_gradients(2)
         for i in self._stored():
-            if L.classes[i] == "col":
+            if L.classes[i] == "col" and not L.looped:
                 w(1, f"tl.store(gin{i} + pid.to(tl.int64) * N + cols, acc{i}, mask=cmask)")
             elif L.classes[i] == "scalar":  # (one partial per program and column block when tiled)
                 slot = "pid * tl.num_programs(1) + tl.program_id(1)" if L.tiled else "pid"
                 w(1, f"tl.store(gin{i} + {slot}, tl.sum(acc{i}, axis=0))")
 
-    def forward(self, ind):
-        """The forward recomputed: every node, rounded to its dtype, and the norm's row statistics
-        (the single-pass forward kernel's expressions)."""
+    def body_looped(self, ind, used):
+        """One row block of rows wider than a block, in three passes over its column chunks
+        (each recomputing what it needs of the forward): the row statistics (as the looped
+        forward kernel computes them); the norm's backward row means (the reverse pass down to
+        the norm); the whole reverse pass, writing the gradients chunk by chunk. A per-column
+        gradient's partial sums live in the program's row of the (programs, N) buffer (zeroed
+        on the host), added to chunk by chunk; a per-row one is summed over the chunks."""
+        w, L, CT = self.w, self.launch, self.CT
+        norm = self.nodes[self.norm]
+        x_arg = norm["args"][0]
+        pre = needed_for(self.spec, x_arg[1]) if x_arg[0] == "v" else set()
+        pre_inputs = sorted({v for j in pre for k, v in _args(self.nodes[j]) if k == "in"} |
+                            ({x_arg[1]} if x_arg[0] == "in" else set()))
+
+        def open_pass(inputs, loads_all=True) -> int:
+            w(ind, "for start in range(0, N, BLOCK_N):")
+            w(ind + 1, "cols = start + tl.arange(0, BLOCK_N)")
+            w(ind + 1, "cmask = cols < N")
+            w(ind + 1, "mask = rmask[:, None] & cmask[None, :]")
+            for i in inputs:
+                if L.classes[i] != "scalar":
+                    self._load(ind + 1, i)
+            return ind + 1
+
+        def statistics_pass() -> int:
+            body = open_pass(pre_inputs)
+            self.forward(body, sorted(pre), stats=False)
+            return body
+
+        chunked_statistics(w, ind, self.stats, arg_expr(x_arg), self.eps, CT, statistics_pass, self.stat_mask,
+                           self.stat_count)
+        steps = self.steps()
+        norm_step = [s for s in steps if s[0] == self.norm]
+        if norm_step:  # the norm is differentiated: its row means first
+            _, lines, means, _ = norm_step[0]
+            for k in range(len(means)):
+                w(ind, f"mean_acc{k} = tl.zeros([ROWS, BLOCK_N], dtype={CT})")
+            body = open_pass(used)
+            self.forward(body)
+            upstream = [(j, ls, ms, [u for u in ups if u[0].startswith("d")]) for j, ls, ms, ups in steps
+                        if j > self.norm]
+            self.reverse(body, upstream)
+            for line in lines:
+                w(body, line)
+            for k, (_, e, _) in enumerate(means):
+                w(body, f"mean_acc{k} += tl.where(mask, {e}, 0.0)")
+            for k, (name, _, count) in enumerate(means):
+                w(ind, f"{name} = (tl.sum(mean_acc{k}, axis=1) / {count})[:, None]")
+        row_grads = [i for i in self._stored() if L.classes[i] == "row"]
+        for i in row_grads:
+            w(ind, f"racc{i} = tl.zeros([ROWS], dtype={CT})")
+        body = open_pass(used)
+        self.forward(body)
+        self.reverse(body, steps, means_known=True)
+        self.write_gradients(body)
+        for i in row_grads:
+            w(ind, f"tl.store(gin{i} + r64, racc{i}, mask=rmask)")
+
+    def _load(self, ind, i):
+        """Input i as `a{i}` in the compute dtype, shaped by its class to broadcast."""
+        kind, CT = self.launch.classes[i], self.CT
+        if kind == "full":
+            self.w(ind, f"a{i} = tl.load(in{i} + r64[:, None] * s{i}_m + cols[None, :] * s{i}_n, mask=mask, "
+                        f"other=0.0).to({CT})")
+        elif kind == "col":
+            self.w(ind, f"a{i} = tl.load(in{i} + cols * s{i}_n, mask=cmask, other=0.0).to({CT})[None, :]")
+        elif kind == "row":
+            self.w(ind, f"a{i} = tl.load(in{i} + r64 * s{i}_m, mask=rmask, other=0.0).to({CT})[:, None]")
+        else:
+            self.w(ind, f"a{i} = tl.load(in{i}).to({CT})")
+
+    def forward(self, ind, nodes=None, stats=True):
+        """The forward recomputed: every node (or those in `nodes`), rounded to its dtype, and
+        (unless the caller computed them) the norm's row statistics, with the single-pass
+        forward kernel's expressions."""
         w = self.w
-        for j, node in enumerate(self.nodes):
-            if j == self.norm and self.stats:
-                row_statistics(w, ind, self.stats, arg_expr(node["args"][0]), self.eps)
+        for j in range(len(self.nodes)) if nodes is None else nodes:
+            node = self.nodes[j]
+            if j == self.norm and self.stats and stats and not self.launch.looped:
+                row_statistics(w, ind, self.stats, arg_expr(node["args"][0]), self.eps, self.stat_mask,
+                               self.stat_count)
             expr = OPS[node["op"]].triton([arg_expr(a) for a in node["args"]], node["attrs"], self.launch.target)
             w(ind, f"v{j} = ({expr}).to({self.CT})" if node["op"] in ("identity", "cast") else f"v{j} = {expr}")
             self._round(ind, f"v{j}", node["dtype"])
 
-    def reverse(self, ind):
-        """Seed the outputs' adjoints, then apply each active node's rule, last node first."""
+    def reverse(self, ind, steps, means_known=False):
+        """Seed the outputs' adjoints, then apply `steps` (each active node's rule, last node
+        first); a norm's row means are reduced here unless `means_known`."""
         w, CT, L = self.w, self.CT, self.launch
         for j in sorted(self.active):
             w(ind, f"d{j} = tl.zeros([ROWS, BLOCK_N], dtype={CT})")
@@ -431,20 +550,22 @@ class _Source:
             if L.grad_dtypes[o] is not None and j in self.active:
                 w(ind, f"d{j} += tl.load(g{o} + r64[:, None] * sg{o}_m + cols[None, :] * sg{o}_n, mask=mask, "
                        f"other=0.0).to({CT})")
-        for lines, updates in self.steps():
-            for line in lines:
+        for _, lines, means, updates in steps:
+            for line in lines + ([] if means_known else _mean_lines(means) if means else []):
                 w(ind, line)
             for name, expr in updates:
                 w(ind, f"{name} += {expr}")
 
     def steps(self) -> list:
-        """The reverse pass as data: per active node, last first, (its rule's lines, [(adjoint
-        name, contribution)]), only the contributions some needed gradient depends on."""
+        """The reverse pass as data: per active node, last first, (its index, its rule's lines,
+        its row means, [(adjoint name, contribution)]), only the contributions some needed
+        gradient depends on."""
         out = []
         for j in sorted(self.active, reverse=True):
             node = self.nodes[j]
             args = [arg_expr(a) for a in node["args"]]
-            lines, contrib = RULES[node["op"]](args, node["attrs"], f"v{j}", f"d{j}", f"t{j}_", self.launch.target)
+            lines, contrib, *means = RULES[node["op"]](args, node["attrs"], f"v{j}", f"d{j}", f"t{j}_",
+                                                       self.launch.target)
             updates = []
             for k, a in enumerate(node["args"]):
                 if a is None or k not in contrib:
@@ -454,21 +575,23 @@ class _Source:
                 elif a[0] == "in" and self.launch.wanted[a[1]]:
                     updates.append((f"da{a[1]}", contrib[k]))
             if updates:
-                out.append((lines, updates))
+                out.append((j, lines, means[0] if means else [], updates))
         return out
 
     def input_contributions(self) -> dict[int, list[str]]:
         """Per needed input, the contributions its adjoint sums: two inputs with the same list
         have the same gradient (both operands of a residual add)."""
         found: dict[int, list[str]] = {i: [] for i in self._wanted()}
-        for _, updates in self.steps():
+        for _, _, _, updates in self.steps():
             for name, expr in updates:
                 if name.startswith("da"):
                     found[int(name[2:])].append(expr)
         return found
 
     def write_gradients(self, ind):
-        """Full inputs' gradients stored; broadcast inputs' summed into their accumulators."""
+        """Full inputs' gradients stored; broadcast inputs' summed into their accumulators (in
+        a looped kernel, a per-column one into its partial-sum buffer, a per-row one over the
+        chunks)."""
         w, L = self.w, self.launch
         for i in self._stored():
             kind = L.classes[i]
@@ -478,8 +601,16 @@ class _Source:
                 self._round(ind, f"da{i}", L.out_dtypes[i])
                 w(ind, f"tl.store(gin{i} + r64[:, None] * N + cols[None, :], da{i}.to(gin{i}.dtype.element_ty), "
                        "mask=mask)")
+            elif kind == "row" and L.looped:
+                w(ind, f"racc{i} += tl.sum({val}, axis=1)")
             elif kind == "row":
                 w(ind, f"tl.store(gin{i} + r64, tl.sum({val}, axis=1), mask=rmask)")
+            elif kind == "col" and L.looped:
+                # read-modify-write of this program's partial sums; the barrier makes the
+                # store visible to the threads that load the same columns for the next row block
+                w(ind, f"part = gin{i} + pid.to(tl.int64) * N + cols")
+                w(ind, f"tl.store(part, tl.load(part, mask=cmask, other=0.0) + tl.sum({val}, axis=0), mask=cmask)")
+                w(ind, "tl.debug_barrier()")
             else:
                 w(ind, f"acc{i} += tl.sum({val}, axis=0)")
 
@@ -610,7 +741,7 @@ class _Plan:
     classes: tuple
     domain: tuple
     n_lead: int
-    outs: tuple           # per input: (shape, dtype) of the tensor the kernel writes, or None
+    outs: tuple           # per input: (shape, dtype, zeroed) of the tensor the kernel writes, or None
     finish: tuple         # per input: how its gradient is made from that tensor ("direct" or a reduction)
     alias: tuple          # per input: the input whose gradient tensor it shares, or None
 
@@ -647,9 +778,9 @@ def _plan(spec_text, inputs, grads, needs, target, config=None):
     ct = compute_dtype(spec, in_dtypes)
     if M * N == 0:
         return "unsupported"
-    tiled = N > MAX_SINGLE[ct]  # a row wider than a block: columns split over a second grid axis,
-    if tiled and spec["norm"] is not None and OPS[spec["nodes"][spec["norm"]]["op"]].stats:
-        return "unsupported"    # which row statistics (RMSNorm, LayerNorm) cannot span
+    wide = N > MAX_SINGLE[ct]  # a row wider than a block: with row statistics (RMSNorm, LayerNorm)
+    looped = wide and spec["norm"] is not None and bool(OPS[spec["nodes"][spec["norm"]]["op"]].stats)
+    tiled = wide and not looped  # each program loops over its rows' chunks, else the columns are split
     classes = tuple(_classify(_aligned(s, nd), n_lead, domain) for s in shapes)
     grad_dtypes = tuple(None if g is None else dtype_name(g.dtype) for g in grads)
     seeded = {j for j, g in zip(spec["outputs"], grads) if g is not None}
@@ -664,11 +795,12 @@ def _plan(spec_text, inputs, grads, needs, target, config=None):
             out_dtypes.append(dtype_name(t.dtype))  # written directly, in the input's dtype
         else:
             out_dtypes.append(ct)                   # partial sums, reduced on the host
-    launch = BwdLaunch(classes, in_dtypes, grad_dtypes, tuple(wanted), tuple(out_dtypes), target, tiled=tiled)
+    launch = BwdLaunch(classes, in_dtypes, grad_dtypes, tuple(wanted), tuple(out_dtypes), target, tiled=tiled,
+                       looped=looped)
     launch = dataclasses.replace(launch, alias=_aliases(spec, launch, shapes, nd, domain))
     kernel = get_kernel(spec_text, launch)
-    block, rows, warps = choose_config(M, MAX_SINGLE[ct] // 2 if tiled else N, ct)
-    n_col = -(-N // block)
+    block, rows, warps = choose_config(M, MAX_SINGLE[ct] // 2 if wide else N, ct)
+    n_col = -(-N // block) if tiled else 1
     per_sm = None
     if config is not None:
         rows, warps, per_sm = config
@@ -685,7 +817,7 @@ def _plan(spec_text, inputs, grads, needs, target, config=None):
         direct = kind == "full" and _aligned(shapes[i], nd) == domain
         shape = tuple(t.shape) if direct else {"full": (M, N), "col": (programs, N), "row": (M,),
                                                "scalar": (programs * n_col,)}[kind]
-        outs.append((shape, DTYPES[out_dtypes[i]]))
+        outs.append((shape, DTYPES[out_dtypes[i]], looped and kind == "col"))  # (partials added to: zeroed)
         finish.append("direct" if direct else kind)
     return _Plan(kernel, (programs, n_col) if tiled else (programs,), {"ROWS": rows, "BLOCK_N": block,
                                                                       "num_warps": warps}, tuple(ints),
@@ -732,8 +864,10 @@ def _aliases(spec, launch: BwdLaunch, shapes, nd, domain) -> tuple:
     return tuple(alias)
 
 
-def _launch(p: _Plan, inputs, grads):
-    dev = inputs[0].device
+def launch_args(p: _Plan, inputs, grads) -> tuple[list, dict]:
+    """(the kernel's positional arguments, {input index: the buffer its gradient is written
+    to}) of plan `p` for these tensors: inputs and gradients (views, or copies where the plan
+    says), fresh buffers, then the integer arguments."""
     domain, n_lead = p.domain, p.n_lead
     args = []
     for t, kind, copy in zip(inputs, p.classes, p.copies):
@@ -741,13 +875,20 @@ def _launch(p: _Plan, inputs, grads):
     present = [g for g in grads if g is not None]
     for g, copy in zip(present, p.copies[len(inputs):]):
         args.append(g.reshape(p.ints[0], p.ints[1]) if copy else g)
-    bufs = {i: torch.empty(o[0], dtype=o[1], device=dev) for i, o in enumerate(p.outs) if o is not None}
-    args += bufs.values()
+    bufs = {i: (torch.zeros if o[2] else torch.empty)(o[0], dtype=o[1], device=inputs[0].device)
+            for i, o in enumerate(p.outs) if o is not None}
+    return args + list(bufs.values()) + list(p.ints), bufs
+
+
+def _launch(p: _Plan, inputs, grads):
+    dev = inputs[0].device
+    domain, n_lead = p.domain, p.n_lead
+    args, bufs = launch_args(p, inputs, grads)
     if dev.type == "cuda" and dev.index != torch.cuda.current_device():
         with torch.cuda.device(dev):
-            p.kernel[p.grid](*args, *p.ints, **p.consts)
+            p.kernel[p.grid](*args, **p.consts)
     else:
-        p.kernel[p.grid](*args, *p.ints, **p.consts)
+        p.kernel[p.grid](*args, **p.consts)
     result = [None] * len(inputs)
     nd = len(domain)
     for i, buf in bufs.items():

@@ -82,7 +82,7 @@ def kernel_name(spec: dict) -> str:
     return f"_{region_name(spec)}_fwd_kernel"
 
 
-def _needed_for(spec: dict, j: int) -> set[int]:
+def needed_for(spec: dict, j: int) -> set[int]:
     """Node indices node j depends on, itself included."""
     out, stack = set(), [j]
     while stack:
@@ -152,7 +152,7 @@ class _KernelSource:
             self.k = norm_node["attrs"].get("k")  # pRMSNorm: the columns its statistic reads
             self.x_arg = norm_node["args"][0]
         x_kind = self.x_arg[0] if self.x_arg is not None else None
-        self.pre = _needed_for(spec, self.x_arg[1]) if x_kind == "v" else set()
+        self.pre = needed_for(spec, self.x_arg[1]) if x_kind == "v" else set()
         self.all_nodes = set(range(len(self.nodes)))
         x_input = [self.x_arg[1]] if x_kind == "in" else []
         self.pre_inputs = sorted(set(_inputs_of(spec, self.pre)) | set(x_input))
@@ -291,22 +291,36 @@ class _KernelSource:
         return str(self.k) if self.stats == "prms_rstd" else "N"
 
     def write_statistics_by_chunks(self):
-        """Loop mode: accumulate over column chunks, recomputing the prologue in each pass; for
-        LayerNorm a sum pass, then a centred sum-of-squares pass (exact variance)."""
-        w, x = self.w, arg_expr(self.x_arg)
-        w(1, f"acc = tl.zeros([ROWS, BLOCK_N], dtype={self.CT})")
-        self.write_prologue(self.open_columns(looped=True))
-        if self.stats == "mean_rstd":
-            w(2, f"acc += tl.where(mask, {x}, 0.0)")
-            w(1, "mean = (tl.sum(acc, axis=1) / N)[:, None]")
-            w(1, f"acc = tl.zeros([ROWS, BLOCK_N], dtype={self.CT})")
-            self.write_prologue(self.open_columns(looped=True))
-            w(2, f"xc = tl.where(mask, {x} - mean, 0.0)")
-            w(2, "acc += xc * xc")
-        else:
-            w(2, f"xs = tl.where({self._stat_mask()}, {x}, 0.0)")
-            w(2, "acc += xs * xs")
-        w(1, f"rstd = (1.0 / tl.sqrt(tl.sum(acc, axis=1) / {self._stat_count()} + {self.eps!r}))[:, None]")
+        """Loop mode: accumulate over column chunks, recomputing the prologue in each pass."""
+        def open_pass() -> int:
+            ind = self.open_columns(looped=True)
+            self.write_prologue(ind)
+            return ind
+        chunked_statistics(self.w, 1, self.stats, arg_expr(self.x_arg), self.eps, self.CT, open_pass,
+                           self._stat_mask(), self._stat_count())
+
+
+def chunked_statistics(w, ind: int, stats: str, x: str, eps: float, CT: str, open_pass, mask: str = "mask",
+                       count: str = "N"):
+    """Write the statistics of rows wider than a block, as `row_statistics` names them: passes
+    over column chunks, each opened by `open_pass()` (it writes the loop, its masks and the
+    prologue that computes `x`, and returns the loop body's indent). LayerNorm takes a sum pass,
+    then a centred sum-of-squares pass (the variance is exactly E[(x - mean)^2], never
+    E[x^2] - mean^2); RMS norms one pass. The looped forward kernel and the looped backward's
+    recomputation share it."""
+    w(ind, f"acc = tl.zeros([ROWS, BLOCK_N], dtype={CT})")
+    body = open_pass()
+    if stats == "mean_rstd":
+        w(body, f"acc += tl.where(mask, {x}, 0.0)")
+        w(ind, "mean = (tl.sum(acc, axis=1) / N)[:, None]")
+        w(ind, f"acc = tl.zeros([ROWS, BLOCK_N], dtype={CT})")
+        body = open_pass()
+        w(body, f"xc = tl.where(mask, {x} - mean, 0.0)")
+        w(body, "acc += xc * xc")
+    else:
+        w(body, f"xs = tl.where({mask}, {x}, 0.0)")
+        w(body, "acc += xs * xs")
+    w(ind, f"rstd = (1.0 / tl.sqrt(tl.sum(acc, axis=1) / {count} + {eps!r}))[:, None]")
 
 
 def _stores(w: _Writer, spec: dict, ind: int):

@@ -1,0 +1,200 @@
+"""Every kind of generated kernel compiles for NVIDIA GPUs, on a machine without one.
+
+The interpreter (TRITON_INTERPRET=1) runs kernels as NumPy: it checks their numbers, not that
+Triton's compiler accepts them (loop-carried values, layouts, types) nor the `cuda` target's
+source (libdevice calls). Triton compiles ahead of time for a `GPUTarget` without a driver, down
+to the cubin with the ptxas its wheel ships, so each launch the lowering plans for CUDA (forward:
+`runtime._plan_launch`; backward: `backward._plan`) is compiled here with the signature its
+arguments give: the single-pass, looped and tiled templates, every region kind, four dtypes.
+What runs on a GPU (timings, the launch itself) is `test_gpu.py`'s.
+"""
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+from fxrewrite import optimize
+from fxrewrite.codegen import backward, ir, runtime
+from fxrewrite.codegen.reference import run_reference
+
+from test_codegen import AddELNGelu, AddRMS2, BNRelu, CastNorm, DyTSmeLU, LNGelu, PRMSSiLU, RMSAct
+from test_codegen_glu import GLU, FusedGateUp
+
+triton = pytest.importorskip("triton")
+if importlib.util.find_spec("triton.backends.nvidia") is None:
+    pytest.skip("this Triton has no NVIDIA backend", allow_module_level=True)
+
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+H100 = GPUTarget("cuda", 90, 32)
+A100 = GPUTarget("cuda", 80, 32)
+_TL = {torch.float32: "fp32", torch.float64: "fp64", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def _jit(kernel):
+    """The kernel as Triton's JIT function: its generated module imported again with
+    TRITON_INTERPRET unset (under it, `triton.jit` makes interpreter functions, which do not
+    compile), its helpers with it."""
+    fn = getattr(kernel, "fn", kernel)
+    path = inspect.getsourcefile(fn)
+    spec = importlib.util.spec_from_file_location(f"cuda_compile_{Path(path).stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    saved = os.environ.pop("TRITON_INTERPRET", None)
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        if saved is not None:
+            os.environ["TRITON_INTERPRET"] = saved
+    return getattr(module, fn.__name__)
+
+
+def compile_for(kernel, args: list, consts: dict, target=H100):
+    """Compile `kernel` as a launch with these arguments would (tensors as typed pointers,
+    integers as i32 or i64 by value, the constexprs, num_warps) for `target`; the compiled
+    kernel, or the compiler's error."""
+    kernel = _jit(kernel)
+    consts = dict(consts)
+    warps = consts.pop("num_warps")
+    names = [n for n in kernel.arg_names if n not in consts]
+    assert len(names) == len(args), (names, len(args))
+    sig = {}
+    for name, a in zip(names, args):
+        if isinstance(a, torch.Tensor):
+            sig[name] = "*" + _TL[a.dtype]
+        else:
+            sig[name] = "i32" if -2**31 <= int(a) < 2**31 else "i64"
+    sig.update({k: "constexpr" for k in consts})
+    return triton.compile(ASTSource(kernel, sig, constexprs=consts), target=target, options={"num_warps": warps})
+
+
+def region_calls(model: nn.Module, xs, monkeypatch) -> list:
+    """(spec, inputs) of each region call of the lowered model, recorded from one run that
+    computes through the eager reference (no kernel launched)."""
+    fast = optimize(model.eval(), xs, lower="triton")
+    seen = []
+
+    def record(spec, inputs):
+        seen.append((spec, list(inputs)))
+        return runtime.fresh_outputs(run_reference(ir.loads(spec), inputs), inputs)
+
+    monkeypatch.setattr(runtime, "run", record)
+    with torch.no_grad():
+        fast(*xs)
+    monkeypatch.undo()
+    assert seen, type(model).__name__
+    return seen
+
+
+def _x(*shape, dtype=torch.float32):
+    torch.manual_seed(0)
+    return torch.randn(*shape).to(dtype)
+
+
+WIDE = 8200  # wider than one block in float32 (8192): the looped forward, the looped or tiled backward
+
+REGIONS = {  # name: (model and example inputs, the forward template, the backward's or None)
+    "rms_prologue_epilogue": (lambda: (RMSAct(48), (_x(2, 5, 48), _x(2, 5, 48))), "single", "single"),
+    "add_rms_two_outputs_bf16": (lambda: (AddRMS2(48).bfloat16(), (_x(3, 48, dtype=torch.bfloat16),) * 2),
+                                 "single", "single"),
+    "layernorm_gelu_broadcast_residual": (lambda: (LNGelu(48), (_x(2, 5, 48), _x(1, 5, 48))), "single", "single"),
+    "dyt_smelu_fp16": (lambda: (DyTSmeLU(48).half(), (_x(4, 48, dtype=torch.float16),)), "single", "single"),
+    "prms_silu": (lambda: (PRMSSiLU(48, 0.5), (_x(4, 48),)), "single", "single"),
+    "add_eln_gelu": (lambda: (AddELNGelu(48), (_x(4, 48), _x(4, 48))), "single", "single"),
+    "prms_silu_wide": (lambda: (PRMSSiLU(WIDE, 0.5), (_x(2, WIDE),)), "loop", "looped"),
+    "batchnorm_relu": (lambda: (BNRelu(6), (_x(2, 6, 4, 4), _x(2, 6, 4, 4))), "single", None),
+    "cast_norm_bf16": (lambda: (CastNorm(48, torch.bfloat16), (_x(2, 48, dtype=torch.bfloat16),)), "single", "single"),
+    "glu_fused_gate_up": (lambda: (FusedGateUp(16, 20), (_x(3, 4, 16),)), "single", "single"),
+    "glu_transposed": (lambda: (GLU(), (_x(48, 6).t(), _x(6, 48))), "single", "single"),
+    "rms_prologue_epilogue_wide": (lambda: (RMSAct(WIDE), (_x(2, WIDE), _x(2, WIDE))), "loop", "looped"),
+    "add_rms_wide_bf16": (lambda: (AddRMS2(WIDE).bfloat16(), (_x(2, WIDE, dtype=torch.bfloat16),) * 2),
+                          "loop", "looped"),
+    "layernorm_gelu_wide_fp64": (lambda: (LNGelu(4100).double(), (_x(2, 4100, dtype=torch.float64),) * 2),
+                                 "loop", "looped"),
+    "dyt_smelu_wide": (lambda: (DyTSmeLU(WIDE), (_x(2, WIDE),)), "loop", "tiled"),
+    "glu_wide": (lambda: (GLU(), (_x(2, WIDE), _x(2, WIDE))), "loop", "tiled"),
+}
+
+
+def test_the_regions_reach_every_template():
+    assert {fwd for _, fwd, _ in REGIONS.values()} == {"single", "loop"}
+    assert {bwd for _, _, bwd in REGIONS.values()} == {"single", "looped", "tiled", None}
+
+
+def _loops_over_columns(kernel) -> bool:
+    return "for start in range(0, N, BLOCK_N)" in inspect.getsource(getattr(kernel, "fn", kernel))
+
+
+@pytest.mark.parametrize("name", list(REGIONS))
+def test_forward_kernels_compile_for_cuda(name, monkeypatch):
+    make, template, _ = REGIONS[name]
+    model, xs = make()
+    for spec, inputs in region_calls(model, xs, monkeypatch):
+        plan = runtime._plan_launch(spec, inputs, None, "cuda")
+        kernel, grid, args, consts, _ = runtime.bind(plan, inputs)
+        assert ("loop" if _loops_over_columns(kernel) else "single") == template, name
+        src = inspect.getsource(getattr(kernel, "fn", kernel))
+        assert "libdevice" in src or "tanh" not in src  # the cuda target's source
+        assert compile_for(kernel, list(args), consts).asm["cubin"], name
+
+
+def _programs_as_interpreter(device, target, *rest, **kw):
+    """Programs along the rows as for the interpreter (CUDA asks the device for its SM count)."""
+    return _PROGRAMS(device, "interpreter", *rest, **kw)
+
+
+_PROGRAMS = backward._programs
+
+
+@pytest.mark.parametrize("name", [n for n, (_, _, bwd) in REGIONS.items() if bwd])
+def test_backward_kernels_compile_for_cuda(name, monkeypatch):
+    """Every region with a backward kernel: all inputs' gradients wanted, every output seeded."""
+    make, _, template = REGIONS[name]
+    model, xs = make()
+    for spec, inputs in region_calls(model, xs, monkeypatch):
+        assert backward.unsupported(ir.loads(spec)) is None, name
+        monkeypatch.setattr(backward, "_programs", _programs_as_interpreter)
+        grads = [torch.randn_like(o) for o in run_reference(ir.loads(spec), inputs)]
+        plan = backward._plan(spec, inputs, grads, [True] * len(inputs), "cuda")
+        assert plan != "unsupported", name
+        layout = "tiled" if len(plan.grid) == 2 else "looped" if _loops_over_columns(plan.kernel) else "single"
+        assert layout == template, name
+        args, _ = backward.launch_args(plan, inputs, grads)
+        assert compile_for(plan.kernel, args, plan.consts).asm["cubin"], name
+
+
+def test_looped_backward_with_a_per_row_input_compiles_for_ampere_too(monkeypatch):
+    """The looped backward's rarest parts: a per-row input's gradient summed over the column
+    chunks, a per-column one added to the program's partial sums, a scalar's; sm_80 as well."""
+    b = ir.SpecBuilder()
+    x, r, s, w = (b.input(k, torch.float32) for k in "xrsw")
+    v0 = b.node("div", [x, r], {}, torch.float32)
+    v1 = b.node("rms_norm", [v0, w], {"eps": 1e-5, "eps_arg": 1e-5, "reduce_ndim": 1}, torch.float32)
+    b.node("smelu", [v1, s], {}, torch.float32)
+    spec = ir.dumps(b.build([2], 1))  # output: the SmeLU; the norm: node 1
+    ins = [_x(3, WIDE), _x(3, 1).abs() + 0.5, torch.tensor(0.5), _x(WIDE)]
+    grads = [_x(3, WIDE)]
+    monkeypatch.setattr(backward, "_programs", _programs_as_interpreter)
+    plan = backward._plan(spec, ins, grads, [True] * 4, "cuda")
+    assert plan.classes == ("full", "row", "scalar", "col")
+    args, _ = backward.launch_args(plan, ins, grads)
+    for target in (H100, A100):
+        assert compile_for(plan.kernel, args, plan.consts, target).asm["cubin"]
+
+
+def test_a_kernel_that_cannot_compile_fails_here():
+    """The check can fail: a kernel whose loop-carried value changes type is rejected by the
+    compiler (the interpreter would run it)."""
+    src = ("import triton\nimport triton.language as tl\n\n\n@triton.jit\ndef bad(x, N, BLOCK: tl.constexpr):\n"
+           "    acc = tl.zeros([BLOCK], dtype=tl.float32)\n    for i in range(0, N, BLOCK):\n"
+           "        acc = tl.zeros([2 * BLOCK], dtype=tl.float32)\n    tl.store(x + tl.arange(0, BLOCK), acc)\n")
+    from fxrewrite.codegen.kernel_cache import KernelCache
+    bad = KernelCache(2).load("test_bad_kernel", "bad", src)
+    with pytest.raises(Exception):
+        compile_for(bad, [torch.empty(4), 4], {"BLOCK": 4, "num_warps": 1})
