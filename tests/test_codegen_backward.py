@@ -462,17 +462,70 @@ def test_many_rows_use_few_programs():
 
 # ---------------------------------------------------------------- what falls back
 
-def test_unsupported_regions_return_none():
-    x = torch.randn(2, 4, 5, 3)
-    model = nn.Sequential(nn.BatchNorm2d(4), nn.ReLU()).eval()
+class BNAct(nn.Module):
+    """Inference BatchNorm (not folded: no conv before it) and an activation."""
+
+    def __init__(self, bn: nn.Module):
+        super().__init__()
+        self.bn = bn
+
+    def forward(self, x):
+        return F.silu(self.bn(x))
+
+
+def _bn(bn):
+    bn = randomise(bn)
     with torch.no_grad():
-        model[0].running_var.uniform_(0.5, 2.0)
-    fast = optimize(model, (x,), lower="triton")
-    (call,) = [n for n in fast.graph.nodes if runtime.is_region_call(n)]  # a BatchNorm region
-    spec = call.args[0]
-    assert "batch_norm" in backward.unsupported(ir.loads(spec))
-    ins = [x] + [torch.ones(4)] * 4
-    assert backward.run_backward(spec, ins, [torch.ones_like(x)], [True] * 5) is None
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2.0)
+    return bn
+
+
+@needs_kernel
+@pytest.mark.parametrize("case", ["bn2d", "bn2d_no_affine", "bn1d_3d", "bn1d_2d", "bn3d_dtype_f64"])
+def test_batchnorm_regions(case):
+    """Inference BatchNorm's gradients for x, weight, bias and (were they to require it) the
+    running statistics: its per-channel vectors are per-row inputs of the (N * C * H, W) rows
+    (per-column for a BatchNorm1d on (N, C)), summed over the columns and the batch."""
+    torch.manual_seed(0)
+    bn, shape = {"bn2d": (nn.BatchNorm2d(4), (2, 4, 5, 3)), "bn2d_no_affine": (nn.BatchNorm2d(4, affine=False), (2, 4, 5, 3)),
+                 "bn1d_3d": (nn.BatchNorm1d(6), (3, 6, 7)), "bn1d_2d": (nn.BatchNorm1d(6), (5, 6)),
+                 "bn3d_dtype_f64": (nn.BatchNorm3d(3), (2, 3, 2, 3, 4))}[case]
+    dtype = torch.float64 if "f64" in case else torch.float32
+    model = BNAct(_bn(bn)).eval().to(dtype)
+    torch.manual_seed(1)
+    xs = [torch.randn(shape, dtype=dtype)]
+    fast = optimize(model, tuple(xs), lower="triton")
+    (node,) = [n for n in fast.graph.nodes if runtime.is_region_call(n)]
+    assert "batch_norm" in [n["op"] for n in ir.loads(node.args[0])["nodes"]]
+    env = {n: xs[0] for n in fast.graph.nodes if n.op == "placeholder"}
+    ins = [env[a] if a.op == "placeholder" else fetch_attr(fast, a.target).detach() for a in node.args[1]]
+    ins = [t.to(DEVICE) for t in ins]
+    params = dict(fast.named_parameters())
+    needs = [a.op == "placeholder" or a.target in params for a in node.args[1]]  # not the running statistics
+    dy = torch.randn(shape, dtype=dtype, device=DEVICE)
+    got = check(node.args[0], ins, needs=needs, grads=[dy])
+    assert [g is not None for g in got] == needs
+    assert [g.shape for g in got if g is not None] == [t.shape for t, n in zip(ins, needs) if n]
+    if case == "bn2d":  # the statistics' gradients (no eager autograd for them): the formula's
+        got = backward.run_backward(node.args[0], ins, [dy], [True] * 5)
+        leaves = [t.detach().clone().requires_grad_() for t in ins]
+        lx, lw, lb, lm, lv = (leaves[0],) + tuple(t.view(4, 1, 1) for t in leaves[1:])
+        y = F.silu((lx - lm) * torch.rsqrt(lv + bn.eps) * lw + lb)
+        for g, want in zip(got, torch.autograd.grad(y, leaves, dy)):
+            close(g, want, dtype)
+
+
+def test_an_op_without_a_rule_has_no_kernel(monkeypatch):
+    """A region with an op the backward has no rule for returns None (the caller differentiates
+    the eager reference)."""
+    spec = _spec([("rms_norm", ["x", "w"], {"eps": 1e-6, "eps_arg": 1e-6, "reduce_ndim": 1}), ("relu", [("v", 0)], {})],
+                 ["x", "w"], [1], 0)
+    monkeypatch.delitem(backward.RULES, "relu")
+    monkeypatch.setattr(backward, "_UNSUPPORTED", backward.LRU(8))
+    assert "no derivative rule for 'relu'" == backward.unsupported(ir.loads(spec))
+    x, w = torch.randn(3, 8), torch.randn(8)
+    assert backward.run_backward(spec, [x, w], [torch.ones_like(x)], [True, True]) is None
 
 
 @pytest.mark.skipif(not INTERP, reason="runs the kernel in Triton's interpreter")

@@ -160,3 +160,23 @@ def test_a_crash_of_pytorchs_own_compiler_is_not_the_librarys():
         assert res.rejected is None
     else:
         assert res.rejected.startswith("PyTorch's own torch.compile(backend='aot_eager') fails too: view size")
+
+
+def test_a_wrong_backward_kernel_is_reported(monkeypatch):
+    """The triton option compares the lowered model's gradients (input and every parameter) with
+    the user's: a BatchNorm backward rule that drops the weight from dx is a grad_mismatch on
+    the slice's lowered seeds, which pass with the real rule."""
+    import fxrewrite.codegen.backward as backward
+    seeds = [s for s in SLICE if SLICE_OPTIONS[s % len(SLICE_OPTIONS)] == "triton"][:4]
+    for seed in seeds:
+        assert not run_case(seed, "triton").failures, seed
+    real = backward.RULES["batch_norm"]
+
+    def wrong(*args):
+        lines, contrib = real(*args)
+        return lines, {**contrib, 0: contrib[0] + " * 1.01"}
+    monkeypatch.setitem(backward.RULES, "batch_norm", wrong)
+    monkeypatch.setattr(backward, "_KERNELS", backward.KernelCache(8))  # kernels are cached by spec and launch
+    monkeypatch.setattr(backward, "_PLANS", backward.LRU(8))
+    caught = [s for s in seeds if "grad_mismatch" in run_case(s, "triton").failures]
+    assert caught, "no seed's wrong BatchNorm gradient was reported"

@@ -44,6 +44,11 @@ the N columns of the row, masked lanes excluded):
                du = dy * w * (1 - t^2),  dx = du * alpha,  dalpha += du * x,  dw += dy * t,  db += dy
     ELN        y = c * x * s * w + b,  s = (beta + x^2)^-1/2,  c = sqrt(C - 1)
                du = dy * c * w,  dx = du * beta * s^3,  dbeta += -du * x * s^3 / 2,  dw += dy * c * x * s
+    BatchNorm  y = (x - mean) * s * w + b,  s = (var + eps)^-1/2  (inference; all but x per channel)
+               dx = dy * w * s,  dw += dy * (x - mean) * s,  db += dy,  dmean += -dy * w * s,
+               dvar += -dy * w * (x - mean) * s^3 / 2
+    (a per-channel vector (C,) is seen as (C, 1, ..., 1), a per-row input of the (N * C * ..., W)
+    rows, its gradient summed over the columns in the kernel and over the batch on the host)
 
 A GLU region (`silu(gate) * up`, `gelu(gate) * up`; no norm) is the same kernel without the row
 statistics: the elementwise rules alone, gate's and up's gradients written per element (or
@@ -73,8 +78,8 @@ of 4096 (2048):
           registers takes one: its GPU speed is not measured.
 
 Not supported (`run_backward` returns None, the caller falls back to autograd of the eager
-reference): BatchNorm, any op without a rule, per-channel (`channel_view`) inputs, a per-row
-input's gradient in a tiled region, empty domains, and calls that autograd must see through (a tensor subclass such as a fake or
+reference): an op without a rule (every op of `ir.OPS` has one today), a per-row input's
+gradient in a tiled region (a BatchNorm over a spatial size wider than 8192), empty domains, and calls that autograd must see through (a tensor subclass such as a fake or
 functional tensor, a dispatch mode, torch.compile tracing, a double backward: gradients that
 require grad).
 
@@ -250,6 +255,15 @@ def _eln(a, at, v, d, t, target):
     return lines, {0: f"{t}du * {beta} * {t}s3", 1: f"-0.5 * {t}du * {x} * {t}s3", 2: f"{d} * {x} * {t}s * {c}", 3: d}
 
 
+def _batch_norm(a, at, v, d, t, target):
+    # inference BatchNorm: y = (x - mean) * s * w + b, s = (var + eps)^-1/2, all but x per channel
+    x, w, b, mean, var = a
+    lines = [f"{t}s = 1.0 / tl.sqrt({var} + {_lit(at['eps'])})", f"{t}ws = {t}s * {w}" if w is not None else f"{t}ws = {t}s",
+             f"{t}xc = {x} - {mean}"]
+    return lines, {0: f"{d} * {t}ws", 1: f"{d} * {t}xc * {t}s", 2: d, 3: f"-{d} * {t}ws",
+                   4: f"-0.5 * {d} * {t}ws * {t}xc * {t}s * {t}s"}
+
+
 def _dyt(a, at, v, d, t, target):
     x, alpha, w, b = a
     lines = [f"{t}t = {tanh_expr(f'{alpha} * {x}', target)}",
@@ -262,6 +276,7 @@ RULES = {
     "relu": _relu, "silu": _silu, "sigmoid": _sigmoid_rule, "tanh": _tanh, "gelu": _gelu,
     "hardtanh": _hardtanh, "hardsigmoid": _hardsigmoid, "hardswish": _hardswish, "smelu": _smelu,
     "rms_norm": _rms_norm, "prms_norm": _prms_norm, "layer_norm": _layer_norm, "dyt": _dyt, "eln": _eln,
+    "batch_norm": _batch_norm,
 }
 
 
@@ -270,8 +285,6 @@ def unsupported(spec: dict) -> str | None:
     for n in spec["nodes"]:
         if n["op"] not in RULES:
             return f"no derivative rule for {n['op']!r}"
-    if any(i["channel_view"] for i in spec["inputs"]):
-        return "a per-channel (channel_view) input"
     return None
 
 
@@ -703,7 +716,7 @@ def _skip(inputs, grads) -> bool:
 
 
 _DTYPE_SET = frozenset(DTYPES.values())
-_UNSUPPORTED = LRU(CACHE_SIZE)  # spec text -> why it has no generated backward, "" when it has one
+_UNSUPPORTED = LRU(CACHE_SIZE)  # spec text -> (why it has no generated backward or "", its inputs' channel views)
 
 
 def run_backward(spec_text: str, inputs: list[torch.Tensor], grads: list, needs: list[bool], config=None):
@@ -711,12 +724,25 @@ def run_backward(spec_text: str, inputs: list[torch.Tensor], grads: list, needs:
     gradients (None for an output without one), by the generated kernel; None when this region
     or this call has no generated backward (the caller then differentiates the eager reference).
     `config` overrides (ROWS, num_warps, programs per multiprocessor) (benchmarks)."""
-    why = _UNSUPPORTED.get(spec_text)
-    if why is None:
-        why = unsupported(loads(spec_text)) or ""
-        _UNSUPPORTED.put(spec_text, why)
+    known = _UNSUPPORTED.get(spec_text)
+    if known is None:
+        spec = loads(spec_text)
+        known = (unsupported(spec) or "", tuple(i["channel_view"] for i in spec["inputs"]))
+        _UNSUPPORTED.put(spec_text, known)
+    why, channel_views = known
     if why or not inputs or _skip(inputs, grads):
         return None
+    if not any(channel_views):
+        return _run(spec_text, inputs, grads, needs, config)
+    # a BatchNorm vector (C,) is seen as (C, 1, ..., 1) (a per-row input), its gradient given back as (C,)
+    shapes = [t.shape for t in inputs]
+    inputs = [t.reshape(tuple(t.shape) + (1,) * cv) if cv else t for t, cv in zip(inputs, channel_views)]
+    got = _run(spec_text, inputs, grads, needs, config)
+    return None if got is None else [g if g is None or not cv else g.reshape(s)
+                                     for g, cv, s in zip(got, channel_views, shapes)]
+
+
+def _run(spec_text: str, inputs, grads, needs, config):
     target = "cuda" if inputs[0].is_cuda and os.environ.get("TRITON_INTERPRET") != "1" else "interpreter"
     key = (spec_text, tuple(needs), target, config, inputs[0].get_device(), *[(t.shape, t.stride(), t.dtype) for t in inputs],
            *[None if g is None else (g.shape, g.stride(), g.dtype) for g in grads])

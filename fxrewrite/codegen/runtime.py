@@ -16,7 +16,8 @@ Where it runs:
 Backward (`register_autograd`): where a region has one, a generated Triton backward kernel
 (`backward.run_backward`: per row, the forward recomputed, then reverse mode over the region's
 nodes; per-column and scalar input gradients reduced per program, then summed); otherwise
-(BatchNorm's per-channel inputs, an op without a derivative rule, and under torch.compile) the gradient of the eager reference, by autograd on a recomputation of the
+(an op without a derivative rule, a per-row gradient of a row wider than a block, and under
+torch.compile) the gradient of the eager reference, by autograd on a recomputation of the
 forward.
 
 Kernel cache (`kernel_cache`, shared with the backward kernels): the source is a function of (spec text, launch specialisation); its structural

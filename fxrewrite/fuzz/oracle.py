@@ -17,6 +17,10 @@ Failure classes (a case may have several; the shrinker keeps one):
     meta_plan            optimize on the model built on the meta device gives other code or derivations, or,
                          given the optimised model's tensors, other outputs (options "default" and
                          "quantize_prep" only)
+    grad_mismatch        option "triton": the model lowered alone (its regions' backward kernels) gives
+                         other gradients of a fixed random projection of its outputs, with respect to
+                         the input and every parameter, than the user's model (the tolerance rule, on
+                         fresh inputs; crash_grad:<Type> when only the lowered model's backward raises)
 Documented errors (CaptureError, VerificationError, TypeError, ValueError, KeyError) are not
 failures: the case is `rejected` with the reason, and the summary counts them.
 """
@@ -123,6 +127,8 @@ def _check(program: dict, option: str, verify64: bool, res: CaseResult):
         _idempotence(fast, program, _expected(program, FRESH), option, res)
         if option in ("default", "quantize_prep"):  # (the passes a checkpoint is rewritten with)
             _meta_plan(program, fast, res, OPTIONS[option])
+    if option == "triton":
+        _gradients(program, res)
 
 
 def _expected(program: dict, seen: tuple = ()) -> dict:
@@ -277,6 +283,55 @@ def _verify64(model, fast, program: dict, res: CaseResult):
         return
     if not result.passed:
         res.fail("verify64", str(result).replace("\n", " "))
+
+
+def _gradients(program: dict, res: CaseResult):
+    """The lowered regions' backward (`codegen.backward`): the model lowered with no other pass
+    (its parameters keep their names and values) against the user's, in float64 and in its own
+    dtype. Nothing to check when no region was lowered; the main check judges optimize's errors."""
+    from fxrewrite import optimize
+    from fxrewrite.codegen import runtime
+    try:
+        lowered = optimize(build_model(program), make_inputs(program, "example"), passes=[], lower="triton",
+                           inplace=False)
+    except Exception:  # noqa: BLE001
+        return
+    if not any(runtime.is_region_call(n) for n in lowered.graph.nodes):
+        return
+    x = make_inputs(program, "fresh")
+    try:
+        ref, eager = _grads(build_model(program).double(), x.double()), _grads(build_model(program), x)
+    except Exception:  # noqa: BLE001 - the user's model has no gradient here (an in-place write to a view, ...)
+        return
+    try:
+        got = _grads(lowered, x)
+    except Exception as e:  # noqa: BLE001
+        res.fail(f"crash_grad:{type(e).__name__}", _line(e))
+        return
+    diff = compare_outputs(got, ref, eager, rounds_in=_rounds_in(program, "triton"))
+    if diff:
+        res.fail("grad_mismatch", diff)
+
+
+def _grads(model, x: torch.Tensor) -> dict:
+    """{"input": d/dx, parameter name: d/dp} of sum(w * output) over the floating outputs, w a
+    fixed random weight per output (drawn in float64, rounded to the output's dtype: the same
+    numbers for every model); zeros where a gradient does not reach."""
+    leaf = x.detach().clone().requires_grad_()
+    outs = flatten_outputs(model(leaf.clone()))  # (a clone: the model may write its input in place)
+    gen = torch.Generator().manual_seed(0)
+    loss = 0
+    for key in sorted(outs):
+        o = outs[key]
+        if o.is_floating_point() and o.requires_grad:
+            w = torch.randn(o.shape, generator=gen, dtype=torch.float64).to(o.dtype)
+            loss = loss + (o * w).sum()
+    params = dict(model.named_parameters())
+    wrt = [leaf, *params.values()]
+    if not torch.is_tensor(loss):
+        return {}
+    grads = torch.autograd.grad(loss, wrt, allow_unused=True)
+    return {name: torch.zeros_like(t) if g is None else g for name, t, g in zip(["input", *params], wrt, grads)}
 
 
 def _meta_plan(program: dict, fast, res: CaseResult, kwargs: dict):
