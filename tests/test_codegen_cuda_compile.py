@@ -7,12 +7,19 @@ to the cubin with the ptxas its wheel ships, so each launch the lowering plans f
 `runtime._plan_launch`; backward: `backward._plan`) is compiled here with the signature its
 arguments give: the single-pass, looped and tiled templates, every region kind, four dtypes.
 What runs on a GPU (timings, the launch itself) is `test_gpu.py`'s.
+
+Triton's language library is built for the interpreter in a process that imported triton with
+TRITON_INTERPRET=1 (as the test suite runs): there, one test runs this module again in a child
+process without it.
 """
 from __future__ import annotations
 
 import importlib.util
 import inspect
 import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -31,47 +38,26 @@ if importlib.util.find_spec("triton.backends.nvidia") is None:
     pytest.skip("this Triton has no NVIDIA backend", allow_module_level=True)
 
 from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
+from triton.compiler import ASTSource, make_backend  # noqa: E402
+from triton.runtime.jit import create_function_from_signature  # noqa: E402
 
 H100 = GPUTarget("cuda", 90, 32)
 A100 = GPUTarget("cuda", 80, 32)
-_TL = {torch.float32: "fp32", torch.float64: "fp64", torch.float16: "fp16", torch.bfloat16: "bf16"}
-
-
-def _jit(kernel):
-    """The kernel as Triton's JIT function: its generated module imported again with
-    TRITON_INTERPRET unset (under it, `triton.jit` makes interpreter functions, which do not
-    compile), its helpers with it."""
-    fn = getattr(kernel, "fn", kernel)
-    path = inspect.getsourcefile(fn)
-    spec = importlib.util.spec_from_file_location(f"cuda_compile_{Path(path).stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    saved = os.environ.pop("TRITON_INTERPRET", None)
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        if saved is not None:
-            os.environ["TRITON_INTERPRET"] = saved
-    return getattr(module, fn.__name__)
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+compiles = pytest.mark.skipif(INTERPRETED, reason="the interpreter's process: run in a child without it")
 
 
 def compile_for(kernel, args: list, consts: dict, target=H100):
-    """Compile `kernel` as a launch with these arguments would (tensors as typed pointers,
-    integers as i32 or i64 by value, the constexprs, num_warps) for `target`; the compiled
-    kernel, or the compiler's error."""
-    kernel = _jit(kernel)
-    consts = dict(consts)
-    warps = consts.pop("num_warps")
-    names = [n for n in kernel.arg_names if n not in consts]
-    assert len(names) == len(args), (names, len(args))
-    sig = {}
-    for name, a in zip(names, args):
-        if isinstance(a, torch.Tensor):
-            sig[name] = "*" + _TL[a.dtype]
-        else:
-            sig[name] = "i32" if -2**31 <= int(a) < 2**31 else "i64"
-    sig.update({k: "constexpr" for k in consts})
-    return triton.compile(ASTSource(kernel, sig, constexprs=consts), target=target, options={"num_warps": warps})
+    """Compile `kernel` for `target` as Triton's JIT would for a launch with these arguments and
+    constexprs (its own binder: pointer dtypes, integers as i32/i64, a 1 as a constant, 16-byte
+    divisibility of pointers and integers as attributes; CPU tensors stand in for CUDA ones, whose
+    allocations are as aligned). The compiled kernel, or the compiler's error."""
+    backend = make_backend(target)
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    kwargs = dict(consts, debug=False)
+    bound, specialization, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, specialization, options)
+    return triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target, options=options.__dict__)
 
 
 def region_calls(model: nn.Module, xs, monkeypatch) -> list:
@@ -131,6 +117,7 @@ def _loops_over_columns(kernel) -> bool:
     return "for start in range(0, N, BLOCK_N)" in inspect.getsource(getattr(kernel, "fn", kernel))
 
 
+@compiles
 @pytest.mark.parametrize("name", list(REGIONS))
 def test_forward_kernels_compile_for_cuda(name, monkeypatch):
     make, template, _ = REGIONS[name]
@@ -152,6 +139,7 @@ def _programs_as_interpreter(device, target, *rest, **kw):
 _PROGRAMS = backward._programs
 
 
+@compiles
 @pytest.mark.parametrize("name", [n for n, (_, _, bwd) in REGIONS.items() if bwd])
 def test_backward_kernels_compile_for_cuda(name, monkeypatch):
     """Every region with a backward kernel: all inputs' gradients wanted, every output seeded."""
@@ -169,6 +157,7 @@ def test_backward_kernels_compile_for_cuda(name, monkeypatch):
         assert compile_for(plan.kernel, args, plan.consts).asm["cubin"], name
 
 
+@compiles
 def test_looped_backward_with_a_per_row_input_compiles_for_ampere_too(monkeypatch):
     """The looped backward's rarest parts: a per-row input's gradient summed over the column
     chunks, a per-column one added to the program's partial sums, a scalar's; sm_80 as well."""
@@ -188,6 +177,7 @@ def test_looped_backward_with_a_per_row_input_compiles_for_ampere_too(monkeypatc
         assert compile_for(plan.kernel, args, plan.consts, target).asm["cubin"]
 
 
+@compiles
 def test_a_kernel_that_cannot_compile_fails_here():
     """The check can fail: a kernel whose loop-carried value changes type is rejected by the
     compiler (the interpreter would run it)."""
@@ -198,3 +188,17 @@ def test_a_kernel_that_cannot_compile_fails_here():
     bad = KernelCache(2).load("test_bad_kernel", "bad", src)
     with pytest.raises(Exception):
         compile_for(bad, [torch.empty(4), 4], {"BLOCK": 4, "num_warps": 1})
+
+
+N_COMPILING = len(REGIONS) + sum(1 for _, _, bwd in REGIONS.values() if bwd) + 3  # the @compiles tests
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="this process compiles directly")
+def test_compiles_in_a_process_without_the_interpreter():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:randomly", __file__],
+                          cwd=Path(__file__).resolve().parent.parent, env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
+    summary = proc.stdout.strip().splitlines()[-1]
+    assert re.search(rf"\b{N_COMPILING} passed, 1 skipped\b", summary), summary

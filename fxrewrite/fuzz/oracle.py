@@ -308,15 +308,25 @@ def _gradients(program: dict, res: CaseResult):
     except Exception as e:  # noqa: BLE001
         res.fail(f"crash_grad:{type(e).__name__}", _line(e))
         return
-    diff = compare_outputs(got, ref, eager, rounds_in=_rounds_in(program, "triton"))
+    extra = sorted(got.keys() - ref.keys())
+    if extra:
+        res.fail("grad_mismatch", f"parameters the user's model does not have: {extra}")
+        return
+    # a parameter tied to another is named once, by either name: compare the names both models have
+    ref = {k: v for k, v in ref.items() if k in got}
+    eager = {k: v for k, v in eager.items() if k in got}
+    diff = compare_outputs(got, ref, eager, rounds_in=_rounds_in(program, "triton"), common_scale=True)
     if diff:
         res.fail("grad_mismatch", diff)
 
 
 def _grads(model, x: torch.Tensor) -> dict:
-    """{"input": d/dx, parameter name: d/dp} of sum(w * output) over the floating outputs, w a
-    fixed random weight per output (drawn in float64, rounded to the output's dtype: the same
-    numbers for every model); zeros where a gradient does not reach."""
+    """{"input": d/dx, parameter name: d/dp} (every name of a tied parameter) of sum(w * output)
+    over the floating outputs, w a fixed random weight per output (drawn in float64, rounded to
+    the output's dtype: the same numbers for every model); zeros where a gradient does not reach.
+    Gradients are compared on the scale of the largest (`compare_outputs(common_scale=True)`): a
+    conv bias before a training-mode BatchNorm has an exactly zero gradient, computed as a sum
+    of terms of that scale that cancel to rounding noise."""
     leaf = x.detach().clone().requires_grad_()
     outs = flatten_outputs(model(leaf.clone()))  # (a clone: the model may write its input in place)
     gen = torch.Generator().manual_seed(0)
@@ -326,7 +336,7 @@ def _grads(model, x: torch.Tensor) -> dict:
         if o.is_floating_point() and o.requires_grad:
             w = torch.randn(o.shape, generator=gen, dtype=torch.float64).to(o.dtype)
             loss = loss + (o * w).sum()
-    params = dict(model.named_parameters())
+    params = dict(model.named_parameters(remove_duplicate=False))
     wrt = [leaf, *params.values()]
     if not torch.is_tensor(loss):
         return {}
