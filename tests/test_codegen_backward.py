@@ -572,15 +572,15 @@ def test_wide_dyt_rows_are_tiled():
                                   "layernorm_no_affine", "prms_silu"])
 def test_wide_norm_rows_loop_over_column_chunks(kind):
     """RMSNorm/LayerNorm rows wider than one block: the statistics, then the backward's row
-    means, then the gradients, each a pass over column chunks. 9 rows in blocks of 2 on 4
+    means, then the gradients, each a pass over column chunks. 9 rows (a row per block) on 4
     programs (with weights): a program adds several row blocks into its weight-gradient
     partial sums."""
     make, n_in, _ = KINDS[kind]
     spec, ins = region(make(8200), *_inputs((9, 8200), n_in))
     plan = backward._plan(spec, ins, [torch.randn(9, 8200)] * len(ir.loads(spec)["outputs"]), [True] * len(ins),
                           "interpreter")
-    reduces = "col" in plan.classes  # weights: 4 programs share the 5 row blocks; else one per block
-    assert plan.grid == ((4,) if reduces else (5,)) and plan.consts["BLOCK_N"] == 4096 and plan.consts["ROWS"] == 2
+    reduces = "col" in plan.classes  # weights: 4 programs share the 9 row blocks; else one per block
+    assert plan.grid == ((4,) if reduces else (9,)) and plan.consts["BLOCK_N"] == 4096 and plan.consts["ROWS"] == 1
     check(spec, ins)
 
 
