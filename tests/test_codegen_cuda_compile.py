@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 
 from fxrewrite import optimize
-from fxrewrite.codegen import backward, ir, runtime
+from fxrewrite.codegen import aot, backward, ir, runtime
 from fxrewrite.codegen.reference import run_reference
 
 from test_codegen import AddELNGelu, AddRMS2, BNRelu, CastNorm, DyTSmeLU, LNGelu, PRMSSiLU, RMSAct
@@ -38,8 +38,6 @@ if importlib.util.find_spec("triton.backends.nvidia") is None:
     pytest.skip("this Triton has no NVIDIA backend", allow_module_level=True)
 
 from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource, make_backend  # noqa: E402
-from triton.runtime.jit import create_function_from_signature  # noqa: E402
 
 H100 = GPUTarget("cuda", 90, 32)
 A100 = GPUTarget("cuda", 80, 32)
@@ -48,16 +46,8 @@ compiles = pytest.mark.skipif(INTERPRETED, reason="the interpreter's process: ru
 
 
 def compile_for(kernel, args: list, consts: dict, target=H100):
-    """Compile `kernel` for `target` as Triton's JIT would for a launch with these arguments and
-    constexprs (its own binder: pointer dtypes, integers as i32/i64, a 1 as a constant, 16-byte
-    divisibility of pointers and integers as attributes; CPU tensors stand in for CUDA ones, whose
-    allocations are as aligned). The compiled kernel, or the compiler's error."""
-    backend = make_backend(target)
-    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
-    kwargs = dict(consts, debug=False)
-    bound, specialization, options = binder(*args, **kwargs)
-    options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, specialization, options)
-    return triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target, options=options.__dict__)
+    """`aot.compile_launch` for a target: the kernel as Triton's JIT would compile this launch."""
+    return aot.compile_launch(kernel, args, consts, target.arch)
 
 
 def region_calls(model: nn.Module, xs, monkeypatch) -> list:
@@ -178,6 +168,21 @@ def test_looped_backward_with_a_per_row_input_compiles_for_ampere_too(monkeypatc
 
 
 @compiles
+def test_register_use_is_read_from_ptxas(monkeypatch):
+    """`aot.resources` reads ptxas's report: the looped backward of add+RMSNorm over 16384
+    bfloat16 columns (`WIDE_CONFIG`) spills nothing on sm_90."""
+    xs = (_x(2, 16384, dtype=torch.bfloat16),) * 2
+    (spec, inputs), = region_calls(AddRMS2(16384).bfloat16(), xs, monkeypatch)
+    monkeypatch.setattr(backward, "_programs", _programs_as_interpreter)
+    grads = [torch.randn_like(o) for o in run_reference(ir.loads(spec), inputs)]
+    plan = backward._plan(spec, inputs, grads, [True] * 3, "cuda")
+    args, _ = backward.launch_args(plan, inputs, grads)
+    used = aot.resources(compile_for(plan.kernel, args, plan.consts))
+    assert (plan.consts["ROWS"], plan.consts["num_warps"]) == backward.WIDE_CONFIG
+    assert 0 < used["registers"] <= 255 and used["spill_stores"] == 0, used
+
+
+@compiles
 def test_a_kernel_that_cannot_compile_fails_here():
     """The check can fail: a kernel whose loop-carried value changes type is rejected by the
     compiler (the interpreter would run it)."""
@@ -190,7 +195,7 @@ def test_a_kernel_that_cannot_compile_fails_here():
         compile_for(bad, [torch.empty(4), 4], {"BLOCK": 4, "num_warps": 1})
 
 
-N_COMPILING = len(REGIONS) + sum(1 for _, _, bwd in REGIONS.values() if bwd) + 3  # the @compiles tests
+N_COMPILING = len(REGIONS) + sum(1 for _, _, bwd in REGIONS.values() if bwd) + 4  # the @compiles tests
 
 
 @pytest.mark.skipif(not INTERPRETED, reason="this process compiles directly")

@@ -74,7 +74,7 @@ of 4096 (2048):
           reverse pass and the stores. A per-column gradient's partial sums live in the
           program's row of the zeroed (P, N) buffer, added to chunk by chunk (a barrier after
           each store: the next row block's load of those columns may be another thread's); a
-          per-row one is summed over the chunks. One row per block on 8 warps (`LOOPED_CONFIG`).
+          per-row one is summed over the chunks. One row per block on 8 warps (`WIDE_CONFIG`).
           Three reads of the inputs where a row in registers takes one: its GPU speed is not
           measured.
 
@@ -105,11 +105,12 @@ from .ir import (DTYPES, OPS, TL_DTYPES, arg_expr, compute_dtype, dtype_name, lo
 TEMPLATE_VERSION = "1"
 MAX_SINGLE = {"float32": 8192, "float64": 4096}  # widest row one program holds in registers
 WARPS_PER_SM = 32  # CUDA: resident warps aimed at per multiprocessor when gradients are reduced over rows
-# (ROWS, num_warps) of the looped kernel. Not timed (no GPU yet); chosen by what ptxas makes of it
-# for sm_90 (bfloat16, N = 16384): 1 row on 8 warps uses 64-122 registers and spills nothing on
-# add+RMSNorm, LayerNorm+GELU and a prologue+RMSNorm+SiLU*gate region, where the single-pass
-# kernels' 2 rows on 4 warps uses 234-255 and spills up to 968 bytes (LayerNorm+GELU).
-LOOPED_CONFIG = (1, 8)
+# (ROWS, num_warps) for rows wider than a block (looped and tiled kernels). Not timed (no GPU
+# yet); chosen by what ptxas makes of it for sm_90 (`bench/kernel_registers.py`, bfloat16,
+# N = 16384): 1 row on 8 warps spills nothing on add+RMSNorm, RMSNorm+SiLU, LayerNorm+GELU and
+# DyT+SmeLU, where the single-pass kernels' 2 rows on 4 warps spills 968 bytes on LayerNorm+GELU
+# and 5320 on DyT+SmeLU.
+WIDE_CONFIG = (1, 8)
 
 
 # ---------------------------------------------------------------- derivative rules
@@ -831,10 +832,10 @@ def _plan(spec_text, inputs, grads, needs, target, config=None):
                        looped=looped)
     launch = dataclasses.replace(launch, alias=_aliases(spec, launch, shapes, nd, domain))
     kernel = get_kernel(spec_text, launch)
-    if looped:  # one row of 4096-column chunks on 8 warps, as the looped forward (`LOOPED_CONFIG`)
-        block, rows, warps = MAX_SINGLE[ct] // 2, *LOOPED_CONFIG
+    if wide:  # chunks of 4096 columns, one row on 8 warps (`WIDE_CONFIG`)
+        block, rows, warps = MAX_SINGLE[ct] // 2, *WIDE_CONFIG
     else:
-        block, rows, warps = choose_config(M, MAX_SINGLE[ct] // 2 if wide else N, ct)
+        block, rows, warps = choose_config(M, N, ct)
     n_col = -(-N // block) if tiled else 1
     per_sm = None
     if config is not None:
