@@ -43,6 +43,8 @@ H100 = GPUTarget("cuda", 90, 32)
 A100 = GPUTarget("cuda", 80, 32)
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 compiles = pytest.mark.skipif(INTERPRETED, reason="the interpreter's process: run in a child without it")
+if not INTERPRETED and aot.unavailable():
+    pytest.skip(aot.unavailable(), allow_module_level=True)
 
 
 def compile_for(kernel, args: list, consts: dict, target=H100):

@@ -22,10 +22,26 @@ import subprocess
 import tempfile
 
 
-def _check_process():
+def unavailable() -> str | None:
+    """Why this process cannot compile ahead of time (None: it can): no triton, no NVIDIA
+    backend, a Triton whose JIT internals differ from those this module calls (written against
+    triton 3.8), or TRITON_INTERPRET=1."""
+    import importlib.util
+    if importlib.util.find_spec("triton") is None or importlib.util.find_spec("triton.backends.nvidia") is None:
+        return "no Triton with an NVIDIA backend"
     if os.environ.get("TRITON_INTERPRET") == "1":
-        raise RuntimeError("ahead-of-time compilation needs a process started without TRITON_INTERPRET=1 "
-                           "(Triton's language library is the interpreter's there)")
+        return "TRITON_INTERPRET=1: Triton's language library is the interpreter's in this process"
+    import triton
+    from triton.runtime import jit
+    if not hasattr(jit, "create_function_from_signature") or not hasattr(triton.runtime.JITFunction, "_pack_args"):
+        return f"triton {triton.__version__}'s JIT internals differ from those this module calls"
+    return None
+
+
+def _check_process():
+    why = unavailable()
+    if why:
+        raise RuntimeError(f"ahead-of-time compilation is not available here: {why}")
 
 
 def compile_launch(kernel, args: list, consts: dict, arch: int = 90):
