@@ -512,8 +512,8 @@ class _Source:
                 w(ind, f"mean_acc{k} = tl.zeros([ROWS, BLOCK_N], dtype={CT})")
             body = open_pass(used)
             self.forward(body)
-            upstream = [(j, ls, ms, [u for u in ups if u[0].startswith("d")]) for j, ls, ms, ups in steps
-                        if j > self.norm]
+            upstream = [(j, ls, ms, [u for u in ups if not u[0].startswith("da")]) for j, ls, ms, ups in steps
+                        if j > self.norm]  # (node adjoints only: the inputs' are the last pass's)
             self.reverse(body, upstream)
             for line in lines:
                 w(body, line)

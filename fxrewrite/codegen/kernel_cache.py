@@ -1,15 +1,18 @@
 """Where generated kernels live: source files on disk, loaded kernels in a bounded in-process cache.
 
 One piece for the forward kernels (`runtime`) and the backward kernels (`backward`): a kernel's
-source is a function of its structural key, written to `<kernel>_<key>.py` under
+source is a function of its structural key, written to `<kernel>_<key>_<source hash>.py` under
 $FXREWRITE_CACHE_DIR (default ~/.cache/fx-rewrite/kernels), atomically, and imported once per
-process. Triton keeps its own cache of the compiled binaries. The in-process caches are LRUs
+process. The source's own hash in the name means two versions of the generator (two installs
+sharing the directory, a test that plants a wrong kernel) never share a file: none can import
+the other's source between its check and its import. Triton keeps its own cache of the compiled binaries. The in-process caches are LRUs
 of at most `maxsize` entries: they are keyed by shapes, and a model fed many shapes (dynamic
 batch, varying sequence lengths) must not grow them without end; an evicted kernel's module
 leaves `sys.modules` too. Imports neither `runtime` nor `backward` (both import it).
 """
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
 import sys
@@ -90,10 +93,11 @@ class KernelCache(LRU):
         sys.modules.pop(self._modules.pop(key, ""), None)
 
     def load(self, key: str, name: str, source: str):
-        """The function `name` of the module `source`, written to `<name>_<key>.py` in the cache
-        directory (unless already there with that text) and imported; cached under `key`."""
-        path = cache_dir() / f"{name.strip('_')}_{key}.py"
-        if not path.exists() or path.read_text() != source:
+        """The function `name` of the module `source`, written to `<name>_<key>_<source hash>.py`
+        in the cache directory (unless already there) and imported; cached under `key`."""
+        digest = hashlib.sha256(source.encode()).hexdigest()[:12]
+        path = cache_dir() / f"{name.strip('_')}_{key}_{digest}.py"
+        if not path.exists():
             tmp = path.with_suffix(f".{os.getpid()}.tmp")
             tmp.write_text(source)
             os.replace(tmp, path)

@@ -26,27 +26,33 @@ K = 8.0
 REL64 = 1e-9
 
 
-def tolerance(ref: torch.Tensor, eager: torch.Tensor, dtype: torch.dtype, scale: float | None = None) -> float:
-    """The rule above; `scale` replaces max|ref64| where a value's own magnitude says nothing of
-    its rounding (a gradient that cancels to ~0 is the sum of terms of the model's gradient scale)."""
-    if scale is None:
-        scale = float(ref.abs().max()) if ref.numel() else 0.0
+def tolerance(ref: torch.Tensor, eager: torch.Tensor, dtype: torch.dtype, common: float = 0.0) -> float:
+    """The rule above. `common`: a scale the value's rounding may come from beyond its own
+    magnitude (a gradient that cancels to ~0 is a sum of terms of the model's gradient scale),
+    a floor of the float64 and float32 rules' own term at that scale (16-bit types get none: at
+    4 of their ulps it would pass gradients 3% of the largest whole)."""
+    scale = float(ref.abs().max()) if ref.numel() else 0.0
     if dtype == torch.float64:
-        return REL64 * scale
+        return REL64 * max(scale, common)
     eager_err = float((eager.double() - ref).abs().max()) if ref.numel() else 0.0
-    return K * eager_err + FLOOR_ULPS.get(dtype, 1) * torch.finfo(dtype).eps * scale
+    ulps = FLOOR_ULPS.get(dtype, 1) * torch.finfo(dtype).eps
+    return K * eager_err + ulps * max(scale, common if dtype == torch.float32 else 0.0)
 
 
 def compare_outputs(cand, ref, eager, rounds_in: torch.dtype | None = None, common_scale: bool = False) -> str | None:
     """None when every output of `cand` is within tolerance of `ref`, else what differs.
     `rounds_in`: the dtype the candidate may round in where it is not the outputs' own (a
     lowered kernel of a float64 model that computes a norm in float32, as the model does).
-    `common_scale`: the largest max|ref64| of all the outputs is every output's scale (gradients)."""
+    `common_scale`: the largest finite |ref64| of all the outputs is a floor of every output's
+    scale (gradients; `tolerance`)."""
     c, r, e = flatten_outputs(cand), flatten_outputs(ref), flatten_outputs(eager)
     if c.keys() != r.keys():
         return f"outputs differ in structure: {sorted(c)} vs {sorted(r)}"
-    scale = max((float(v.detach().double().abs().max()) for v in r.values() if v.numel()), default=0.0) \
-        if common_scale else None
+    common = 0.0
+    if common_scale:
+        finite = [v.detach().double() for v in r.values() if v.numel()]
+        common = max((float(v[torch.isfinite(v)].abs().max()) for v in finite if torch.isfinite(v).any()),
+                     default=0.0)
     for k, rv in r.items():
         cv, ev = c[k], e[k]
         if cv.shape != rv.shape or cv.dtype != ev.dtype:
@@ -56,7 +62,7 @@ def compare_outputs(cand, ref, eager, rounds_in: torch.dtype | None = None, comm
             continue  # inconclusive: the reference itself overflows
         if not torch.isfinite(c64).all():
             return f"{k}: non-finite candidate output where the reference is finite"
-        err, tol = float((c64 - r64).abs().max()), tolerance(r64, ev.detach(), rounds_in or ev.dtype, scale)
+        err, tol = float((c64 - r64).abs().max()), tolerance(r64, ev.detach(), rounds_in or ev.dtype, common)
         if err > tol:
             scale = float(r64.abs().max())
             return f"{k}: max|cand - ref64| = {err:.3g} > tolerance {tol:.3g} (max|ref64| = {scale:.3g}, {ev.dtype})"

@@ -298,21 +298,26 @@ def _gradients(program: dict, res: CaseResult):
         return
     if not any(runtime.is_region_call(n) for n in lowered.graph.nodes):
         return
-    x = make_inputs(program, "fresh")
+    x, user = make_inputs(program, "fresh"), build_model(program)
     try:
-        ref, eager = _grads(build_model(program).double(), x.double()), _grads(build_model(program), x)
+        ref, eager = _grads(build_model(program).double(), x.double(), x.dtype), _grads(user, x, x.dtype)
     except Exception:  # noqa: BLE001 - the user's model has no gradient here (an in-place write to a view, ...)
         return
     try:
-        got = _grads(lowered, x)
+        got = _grads(lowered, x, x.dtype)
     except Exception as e:  # noqa: BLE001
         res.fail(f"crash_grad:{type(e).__name__}", _line(e))
         return
     extra = sorted(got.keys() - ref.keys())
-    if extra:
-        res.fail("grad_mismatch", f"parameters the user's model does not have: {extra}")
+    tied: dict = {}
+    for name, p in user.named_parameters(remove_duplicate=False):
+        tied.setdefault(id(p), []).append(name)
+    missing = [names[0] for names in [["input"], *tied.values()] if not any(n in got for n in names)]
+    if extra or missing:
+        res.fail("grad_mismatch", f"gradients for parameters the user's model does not have: {extra}" if extra
+                 else f"no gradient for {missing}")
         return
-    # a parameter tied to another is named once, by either name: compare the names both models have
+    # a parameter tied to another may be named once, by either name: compare the names it has
     ref = {k: v for k, v in ref.items() if k in got}
     eager = {k: v for k, v in eager.items() if k in got}
     diff = compare_outputs(got, ref, eager, rounds_in=_rounds_in(program, "triton"), common_scale=True)
@@ -320,26 +325,28 @@ def _gradients(program: dict, res: CaseResult):
         res.fail("grad_mismatch", diff)
 
 
-def _grads(model, x: torch.Tensor) -> dict:
+def _grads(model, x: torch.Tensor, dtype: torch.dtype) -> dict:
     """{"input": d/dx, parameter name: d/dp} (every name of a tied parameter) of sum(w * output)
     over the floating outputs, w a fixed random weight per output (drawn in float64, rounded to
-    the output's dtype: the same numbers for every model); zeros where a gradient does not reach.
-    Gradients are compared on the scale of the largest (`compare_outputs(common_scale=True)`): a
-    conv bias before a training-mode BatchNorm has an exactly zero gradient, computed as a sum
-    of terms of that scale that cancel to rounding noise."""
+    the model's `dtype`: the same numbers for every model, the float64 reference's included);
+    zeros where a gradient does not reach (everywhere when no output carries one).
+    Gradients are compared with a floor on the scale of the largest (`compare_outputs(
+    common_scale=True)`): a conv bias before a training-mode BatchNorm has an exactly zero
+    gradient, computed as a sum of terms of that scale that cancel to rounding noise."""
     leaf = x.detach().clone().requires_grad_()
     outs = flatten_outputs(model(leaf.clone()))  # (a clone: the model may write its input in place)
     gen = torch.Generator().manual_seed(0)
     loss = 0
     for key in sorted(outs):
         o = outs[key]
-        if o.is_floating_point() and o.requires_grad:
-            w = torch.randn(o.shape, generator=gen, dtype=torch.float64).to(o.dtype)
-            loss = loss + (o * w).sum()
+        if o.is_floating_point():
+            w = torch.randn(o.shape, generator=gen, dtype=torch.float64).to(dtype).to(o.dtype)
+            if o.requires_grad:
+                loss = loss + (o * w).sum()
     params = dict(model.named_parameters(remove_duplicate=False))
     wrt = [leaf, *params.values()]
     if not torch.is_tensor(loss):
-        return {}
+        return {name: torch.zeros_like(t) for name, t in zip(["input", *params], wrt)}
     grads = torch.autograd.grad(loss, wrt, allow_unused=True)
     return {name: torch.zeros_like(t) if g is None else g for name, t, g in zip(["input", *params], wrt, grads)}
 
