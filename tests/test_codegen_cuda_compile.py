@@ -141,6 +141,8 @@ def test_backward_kernels_compile_for_cuda(name, monkeypatch):
         assert backward.unsupported(ir.loads(spec)) is None, name
         monkeypatch.setattr(backward, "_programs", _programs_as_interpreter)
         grads = [torch.randn_like(o) for o in run_reference(ir.loads(spec), inputs)]
+        # as `run_backward` plans them: a BatchNorm vector (C,) as (C, 1, ..., 1)
+        inputs = [t.reshape(tuple(t.shape) + (1,) * m["channel_view"]) for t, m in zip(inputs, ir.loads(spec)["inputs"])]
         plan = backward._plan(spec, inputs, grads, [True] * len(inputs), "cuda")
         assert plan != "unsupported", name
         layout = "tiled" if len(plan.grid) == 2 else "looped" if _loops_over_columns(plan.kernel) else "single"
