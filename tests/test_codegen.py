@@ -302,6 +302,30 @@ def test_half_residual_stream_is_rounded_like_eager(dtype, N, launches):
     assert len(launches) == 1
 
 
+@needs_kernel
+def test_wide_rows_without_statistics_are_tiled(monkeypatch):
+    """Rows wider than a block in a region without row statistics (DyT, BatchNorm over a wide
+    spatial size) put their column blocks on a second grid axis: 3 rows of 12288 are 3 x 3
+    programs, not 3 each looping over 3 chunks; transposed inputs and per-channel (per-row)
+    BatchNorm vectors are read right across the blocks."""
+    grids, real = [], runtime.launch_args
+
+    def spy(spec, inputs, config=None):
+        launch = real(spec, inputs, config)
+        grids.append(launch[1])
+        return launch
+    monkeypatch.setattr(runtime, "launch_args", spy)
+    x = torch.randn(3, 12288, device=DEVICE)
+    model, fast = lower(DyTTanh(12288), x)
+    check_against_eager(model, fast, x)
+    check_against_eager(model, fast, torch.randn(12288, 3, device=DEVICE).t())
+    bn_x = torch.randn(2, 3, 2, 8200, device=DEVICE)
+    model, fast = lower(BNRelu(3), bn_x, torch.randn_like(bn_x))
+    check_against_eager(model, fast, bn_x, torch.randn_like(bn_x))
+    # BatchNorm: a row per (n, c); H folds into the columns (no reduction): 16400, 5 blocks
+    assert grids == [(3, 3), (3, 3), (2 * 3, 5)], grids
+
+
 def _layouts(M, N):
     """(description, tensor) pairs of the same values laid out differently."""
     return [

@@ -95,18 +95,21 @@ REGIONS = {  # name: (model and example inputs, the forward template, the backwa
                           "loop", "looped"),
     "layernorm_gelu_wide_fp64": (lambda: (LNGelu(4100).double(), (_x(2, 4100, dtype=torch.float64),) * 2),
                                  "loop", "looped"),
-    "dyt_smelu_wide": (lambda: (DyTSmeLU(WIDE), (_x(2, WIDE),)), "loop", "tiled"),
-    "glu_wide": (lambda: (GLU(), (_x(2, WIDE), _x(2, WIDE))), "loop", "tiled"),
+    "dyt_smelu_wide": (lambda: (DyTSmeLU(WIDE), (_x(2, WIDE),)), "tiled", "tiled"),
+    "glu_wide": (lambda: (GLU(), (_x(2, WIDE), _x(2, WIDE))), "tiled", "tiled"),
 }
 
 
 def test_the_regions_reach_every_template():
-    assert {fwd for _, fwd, _ in REGIONS.values()} == {"single", "loop"}
+    assert {fwd for _, fwd, _ in REGIONS.values()} == {"single", "loop", "tiled"}
     assert {bwd for _, _, bwd in REGIONS.values()} == {"single", "looped", "tiled"}
 
 
-def _loops_over_columns(kernel) -> bool:
-    return "for start in range(0, N, BLOCK_N)" in inspect.getsource(getattr(kernel, "fn", kernel))
+def _layout(kernel) -> str:
+    """How the kernel walks a row's columns: "loop" (chunks in turn), "tiled" (a chunk per
+    program on grid axis 1) or "single" (the whole row at once); the backward's loop is "looped"."""
+    src = inspect.getsource(getattr(kernel, "fn", kernel))
+    return "loop" if "for start in range(0, N, BLOCK_N)" in src else "tiled" if "tl.program_id(1)" in src else "single"
 
 
 @compiles
@@ -117,7 +120,8 @@ def test_forward_kernels_compile_for_cuda(name, monkeypatch):
     for spec, inputs in region_calls(model, xs, monkeypatch):
         plan = runtime._plan_launch(spec, inputs, None, "cuda")
         kernel, grid, args, consts, _ = runtime.bind(plan, inputs)
-        assert ("loop" if _loops_over_columns(kernel) else "single") == template, name
+        assert _layout(kernel) == template, name
+        assert len(grid) == (2 if template == "tiled" else 1), grid
         src = inspect.getsource(getattr(kernel, "fn", kernel))
         assert "libdevice" in src or "tanh" not in src  # the cuda target's source
         assert compile_for(kernel, list(args), consts).asm["cubin"], name
@@ -145,8 +149,8 @@ def test_backward_kernels_compile_for_cuda(name, monkeypatch):
         inputs = [t.reshape(tuple(t.shape) + (1,) * m["channel_view"]) for t, m in zip(inputs, ir.loads(spec)["inputs"])]
         plan = backward._plan(spec, inputs, grads, [True] * len(inputs), "cuda")
         assert plan != "unsupported", name
-        layout = "tiled" if len(plan.grid) == 2 else "looped" if _loops_over_columns(plan.kernel) else "single"
-        assert layout == template, name
+        layout = {"loop": "looped"}.get(_layout(plan.kernel), _layout(plan.kernel))
+        assert layout == template and len(plan.grid) == (2 if layout == "tiled" else 1), name
         args, _ = backward.launch_args(plan, inputs, grads)
         assert compile_for(plan.kernel, args, plan.consts).asm["cubin"], name
 

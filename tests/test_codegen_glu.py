@@ -431,7 +431,7 @@ def test_emitted_glu_kernel_is_one_elementwise_pass():
     a = b.node("silu", [g], {}, torch.bfloat16)
     y = b.node("mul", [a, u], {}, torch.bfloat16)
     spec = b.build([y[1]], None, glu=y[1])
-    for mode in ("single", "loop"):
+    for mode in ("single", "loop", "tiled"):
         launch = emit.Launch(1, (("full", True), ("full", True)), ("bfloat16",) * 2, mode, "cuda")
         src = emit.generate(spec, launch)
         compile(src, "<glu>", "exec")

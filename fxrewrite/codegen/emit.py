@@ -21,6 +21,8 @@ One program handles ROWS rows (several for small N, one for large N). Two templa
             a sum pass then a centred sum-of-squares pass, so the variance is computed exactly
             as E[(x - mean)^2], never as E[x^2] - mean^2), then a final pass that recomputes the
             prologue, applies the norm and the epilogue and stores.
+    tiled   BLOCK_N < N without statistics (GLU, DyT, BatchNorm): each program takes one column
+            block of its rows, the block index on grid axis 1 (`runtime.choose_config`).
 
 Masks (`cols < N`, `rows < M`) make any N and M valid; masked lanes are excluded from every
 reduction. Arithmetic runs in float32 (float64 if anything in the region is float64); after each
@@ -70,7 +72,7 @@ class Launch:
     k: int                      # leading dims after coalescing (>= 1)
     classes: tuple              # per input: (kind in full/col/row/scalar, column stride is 1)
     input_dtypes: tuple         # per input: dtype name
-    mode: str                   # "single" or "loop"
+    mode: str                   # "single", "loop" or "tiled" (no statistics: columns on grid axis 1)
     target: str                 # "cuda" or "interpreter"
 
     def key(self) -> str:
@@ -116,7 +118,7 @@ def generate(spec: dict, launch: Launch) -> str:
     kernel.write_module_header()
     kernel.write_signature_and_rows()
     if not kernel.stats:
-        kernel.write_elementwise_pass(looped=launch.mode != "single")
+        kernel.write_elementwise_pass(launch.mode)
     elif launch.mode == "single":
         ind = kernel.open_columns(looped=False)
         kernel.write_prologue(ind)
@@ -218,12 +220,12 @@ class _KernelSource:
             if kind in ("full", "row"):
                 w(1, f"ro{i} = " + " + ".join(f"i{d} * s{i}_{d}" for d in range(k)))
 
-    def open_columns(self, looped: bool) -> int:
-        """Start a pass over the columns (all at once, or a loop over BLOCK_N chunks) with its
-        masks; returns the indent of the pass's body."""
+    def open_columns(self, looped: bool, tiled: bool = False) -> int:
+        """Start a pass over the columns (all at once, a loop over BLOCK_N chunks, or the block
+        of grid axis 1) with its masks; returns the indent of the pass's body."""
         if looped:
             self.w(1, "for start in range(0, N, BLOCK_N):")
-        ind, start = (2, "start + ") if looped else (1, "")
+        ind, start = (2, "start + ") if looped else (1, "tl.program_id(1) * BLOCK_N + " if tiled else "")
         self.w(ind, f"cols = {start}tl.arange(0, BLOCK_N)")
         self.w(ind, "cmask = cols < N")
         self.w(ind, "mask = rmask[:, None] & cmask[None, :]")
@@ -254,9 +256,10 @@ class _KernelSource:
             else:
                 self.w(ind, f"v{j} = v{j}.to({TL_DTYPES[node['dtype']]}).to({CT})")
 
-    def write_elementwise_pass(self, looped: bool):
-        """A region without row statistics (DyT, BatchNorm, GLU): one pass computes every node."""
-        ind = self.open_columns(looped)
+    def write_elementwise_pass(self, mode: str):
+        """A region without row statistics (DyT, BatchNorm, GLU): one pass computes every node,
+        over the whole row, a loop over its chunks, or (tiled) the program's own column block."""
+        ind = self.open_columns(mode == "loop", tiled=mode == "tiled")
         for i in _inputs_of(self.spec, self.all_nodes):
             self._load(i, ind)
         for j in sorted(self.all_nodes):

@@ -38,7 +38,7 @@ from ..rewrite.effects import declare_pure
 from . import emit
 from .backward import run_backward
 from .kernel_cache import CACHE_SIZE, LRU, KernelCache
-from .ir import DTYPES, compute_dtype, dtype_name, loads, reduce_ndim, spec_hash
+from .ir import DTYPES, OPS, compute_dtype, dtype_name, loads, reduce_ndim, spec_hash
 from .reference import fresh_outputs, run_reference
 
 # ---------------------------------------------------------------- where it runs
@@ -208,14 +208,18 @@ def _next_pow2(n: int) -> int:
 
 def choose_config(M, N, ct: str, has_stats: bool):
     """(mode, BLOCK_N, ROWS, num_warps). One pass over memory when a row fits in registers
-    (N <= 8192 in float32, 4096 in float64); several rows per program for small N. M and N are
-    ints, or SymInts when `compiled` traces a launch."""
+    (N <= 8192 in float32, 4096 in float64); several rows per program for small N. Wider rows:
+    a region with row statistics loops over column chunks in each program ("loop"); one without
+    (GLU, DyT, BatchNorm) puts the chunks on a second grid axis ("tiled"), so a few rows (decode:
+    LLaMA's 11008-wide SwiGLU on 1-64 rows) still spread over several programs, where a loop ran
+    each row's chunks one after another in one program. M and N are ints, or SymInts when
+    `compiled` traces a launch."""
     max_single = 8192 if ct == "float32" else 4096
     N = int(N)  # a symbolic row width (traced for torch.compile) is specialised: it picks the kernel
     if N <= max_single:
         mode, block = "single", _next_pow2(N)
     else:
-        mode, block = "loop", max_single // 2
+        mode, block = "loop" if has_stats else "tiled", max_single // 2
     # ROWS is a tuning choice, not a correctness one (rows past M are masked): a symbolic M
     # (dynamic batch or sequence length) gets the large-M choice rather than a guard on its value
     rows = max(1, min(64, 2048 // block, _next_pow2(M) if isinstance(M, int) else 64))
@@ -341,7 +345,8 @@ def _plan_launch(spec_text, inputs, config, target):
         return None, None, (), domain, out_dtypes, {}, copies, likes
     in_dtypes = tuple(dtype_name(t.dtype) for t in inputs)
     ct = compute_dtype(spec, in_dtypes)
-    mode, block, rows, warps = config or choose_config(M, N, ct, reduce_ndim(spec) > 0)
+    has_stats = spec["norm"] is not None and bool(OPS[spec["nodes"][spec["norm"]]["op"]].stats)
+    mode, block, rows, warps = config or choose_config(M, N, ct, has_stats)
     launch = emit.Launch(len(lead), _classes(views, N), in_dtypes, mode, target)
     kernel = get_kernel(spec_text, launch)
     ints = [M, N] + list(lead[1:])
@@ -351,7 +356,8 @@ def _plan_launch(spec_text, inputs, config, target):
         if kind in ("full", "col") and not contig:
             ints.append(s_n)
     consts = {"ROWS": rows, "BLOCK_N": block, "num_warps": warps}
-    return kernel, (triton_cdiv(M, rows),), tuple(ints), domain, out_dtypes, consts, copies, likes
+    grid = (triton_cdiv(M, rows), triton_cdiv(N, block)) if mode == "tiled" else (triton_cdiv(M, rows),)
+    return kernel, grid, tuple(ints), domain, out_dtypes, consts, copies, likes
 
 
 def triton_cdiv(a: int, b: int) -> int:
