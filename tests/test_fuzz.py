@@ -2,6 +2,7 @@
 the shrinker and the coverage counters must work (a planted bug is found and shrunk)."""
 from __future__ import annotations
 
+import io
 import os
 
 import pytest
@@ -184,3 +185,16 @@ def test_a_wrong_backward_kernel_is_reported(monkeypatch, tmp_path):
     monkeypatch.setattr(backward, "_PLANS", backward.LRU(8))
     caught = [s for s in seeds if "grad_mismatch" in run_case(s, "triton").failures]
     assert caught, "no seed's wrong BatchNorm gradient was reported"
+
+
+def test_a_hung_or_dead_worker_costs_its_case_not_the_run(monkeypatch):
+    """A case whose worker hangs, and one whose worker dies, are each counted as a `hang`
+    failure once nothing has finished for `stall_s`; every other case still runs (a process pool
+    would wait for them forever)."""
+    from fxrewrite.fuzz import runner
+    monkeypatch.setenv(runner.FAULT, "hang:1,die:2")
+    tasks = [(s, "inplace_off") for s in range(6)]
+    cov, _ = runner.run(tasks, jobs=2, verify64=False, out=io.StringIO(), stall_s=15)
+    assert sum(cov.cases.values()) == 6
+    assert cov.failures == {"hang": 2}, cov.failures
+    assert cov.examples["hang"].seed in (1, 2)

@@ -17,6 +17,8 @@ Failure classes (a case may have several; the shrinker keeps one):
     meta_plan            optimize on the model built on the meta device gives other code or derivations, or,
                          given the optimised model's tensors, other outputs (options "default" and
                          "quantize_prep" only)
+    hang                 (the runner) no answer from the case's worker in `runner.STALL_S` seconds: it hung
+                         or died
     grad_mismatch        option "triton": the model lowered alone (its regions' backward kernels) gives
                          other gradients of a fixed random projection of its outputs, with respect to
                          the input and every parameter, than the user's model (the tolerance rule, on
