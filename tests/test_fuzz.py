@@ -198,3 +198,20 @@ def test_a_hung_or_dead_worker_costs_its_case_not_the_run(monkeypatch):
     assert sum(cov.cases.values()) == 6
     assert cov.failures == {"hang": 2}, cov.failures
     assert cov.examples["hang"].seed in (1, 2)
+
+
+def test_a_norm_an_earlier_region_took_in_is_not_grown_again():
+    """Found with the swapped norms in the grammar: in bfloat16 a linear's BatchNorm1d is lowered
+    first and takes the DyT after it (alpha * x, tanh, as Dynamo writes it out) into its
+    epilogue; the tanh, listed as a norm before, was then grown again from an erased node (an
+    AttributeError in the lowering)."""
+    program = {"seed": 548, "dtype": "bfloat16", "input": [2, 4, 3], "channels_last": False, "blocks": [
+        {"op": "stateful", "how": "iadd", "out": 5, "bn": False, "linear": True},
+        {"op": "linchain", "mid": 8, "out": 2, "bias1": True, "bias2": True},
+        {"op": "linear", "out": 4, "bias": True, "bn": True},
+        {"op": "control", "thresh": 100},
+        {"op": "layernorm", "ssf": False, "rms": False, "cast": True, "fanout": True, "swapped": "dyt", "act": "silu",
+         "act_how": "module"}]}
+    for option in ("triton", "compiled_triton"):
+        res = check_program(program, option)
+        assert not res.failures, (option, res.failures)

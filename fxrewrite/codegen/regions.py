@@ -602,8 +602,13 @@ def grow_regions(gm: fx.GraphModule, order: dict[fx.Node, float], claimed: set):
     region may have taken it or its activation. Nodes in `claimed` join no region; the caller
     adds to it."""
     for node in [n for n, _ in norms(gm)]:
+        if not _live(node, gm):  # an earlier region took it in (a written-out DyT's tanh as its epilogue)
+            continue
         try:
-            found = grow(gm, node, describe_norm(gm, node), claimed, order)
+            described = describe_norm(gm, node)
+            if described is None:  # no norm any more: an earlier region rewrote what it read
+                continue
+            found = grow(gm, node, described, claimed, order)
         except NotFusable as e:
             found = e
         yield node, found

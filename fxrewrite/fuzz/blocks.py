@@ -14,6 +14,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fxrewrite.rewrite.nn import ELN, DyT, PartialRMSNorm
+
 CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 TCONV = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
 BN = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
@@ -481,10 +483,19 @@ class CastNorm(nn.Module):
 
 
 def build_layernorm(spec, shape):
-    """A LayerNorm (or RMSNorm: spec "rms") over the last axis, affine; spec "cast": `CastNorm`;
+    """A LayerNorm (or RMSNorm: spec "rms") over the last axis, affine; spec "swapped": one of the
+    swaps' norms instead (pRMSNorm, ELN, DyT); spec "cast": `CastNorm`;
     spec "fanout": two linears read it, their outputs multiplied (a GLU: nothing to merge)."""
     d = shape[-1]
-    if spec.get("cast"):
+    swapped = spec.get("swapped")
+    if swapped:  # pRMSNorm over the first half, ELN, DyT (`rewrite.nn`), their parameters drawn
+        ln = {"prms": lambda: PartialRMSNorm(d, p=0.5, eps=1e-6), "eln": lambda: ELN(d, beta_init=float(d)),
+              "dyt": lambda: DyT(d, alpha_init=0.5)}[swapped]()
+        with torch.no_grad():
+            ln.weight.uniform_(0.5, 1.5)
+            if getattr(ln, "bias", None) is not None:
+                ln.bias.uniform_(-0.5, 0.5)
+    elif spec.get("cast"):
         ln = CastNorm(d, spec.get("rms", False))
     else:
         ln = nn.RMSNorm(d) if spec.get("rms") else nn.LayerNorm(d)

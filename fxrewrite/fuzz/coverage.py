@@ -54,6 +54,7 @@ def block_constructs(spec: dict, rank: int, index: int) -> set[str]:
     if op == "mutate":
         out |= {f"mutate:{spec['when']}"} | ({"mutate:model_input"} if index == 0 else set())
     out |= {f"{op}:ssf"} if spec.get("ssf") else set()
+    out |= {f"norm:{spec['swapped']}"} if spec.get("swapped") else set()
     out |= {"lora:merged_in_forward"} if op == "lora" and spec.get("merged") else set()
     if op == "linear":
         out |= {f"linear:rank{rank}"} | ({f"linear+bn1d:rank{rank}"} if spec.get("bn") else set())

@@ -317,6 +317,8 @@ def gen_layernorm(r: random.Random, shape: list, flags: dict):
         return gen_linear(r, shape, flags)
     spec = {"op": "layernorm", "ssf": r.random() < 0.4, "rms": r.random() < 0.4, "cast": r.random() < 0.3,
             "fanout": r.random() < 0.4}
+    # the swaps' norms, which lower to regions (and backward kernels) of their own
+    spec["swapped"] = r.choices([None, "prms", "eln", "dyt"], weights=[7, 1, 1, 1])[0]
     return _act(r, spec, 0.6), list(shape)
 
 
