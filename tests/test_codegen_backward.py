@@ -26,7 +26,9 @@ from fxrewrite import optimize
 from fxrewrite.codegen import backward, ir, runtime
 from fxrewrite.codegen.reference import run_reference
 from fxrewrite.rewrite.attrs import fetch_attr
-from fxrewrite.rewrite.nn import ELN, DyT, PartialRMSNorm, SmeLU
+from fxrewrite.rewrite.nn import DyT, SmeLU
+
+from test_codegen import AddELNGelu, PRMSSiLU
 
 # the interpreter evaluates masked-off lanes too (an exp that overflows, a 0/0): never stored
 pytestmark = [pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning"),
@@ -231,28 +233,6 @@ class DyTTanh(nn.Module):
 
     def forward(self, x):
         return torch.tanh(self.norm(x))
-
-
-class PRMSSiLU(nn.Module):
-    """pRMSNorm: the statistic reads the first k = floor(p N) columns only."""
-
-    def __init__(self, n, p):
-        super().__init__()
-        self.norm = PartialRMSNorm(n, p=p, eps=1e-6)
-
-    def forward(self, x):
-        return F.silu(self.norm(x))
-
-
-class AddELNGelu(nn.Module):
-    """Residual add, ELN (elementwise: no statistics; a learnable scalar beta), GELU."""
-
-    def __init__(self, n):
-        super().__init__()
-        self.norm = ELN(n, beta_init=3.0)
-
-    def forward(self, x, r):
-        return F.gelu(self.norm(x + r))
 
 
 class RMSBiasAct(nn.Module):

@@ -146,7 +146,7 @@ def test_backward_kernels_compile_for_cuda(name, monkeypatch):
         monkeypatch.setattr(backward, "_programs", _programs_as_interpreter)
         grads = [torch.randn_like(o) for o in run_reference(ir.loads(spec), inputs)]
         # as `run_backward` plans them: a BatchNorm vector (C,) as (C, 1, ..., 1)
-        inputs = [t.reshape(tuple(t.shape) + (1,) * m["channel_view"]) for t, m in zip(inputs, ir.loads(spec)["inputs"])]
+        inputs = [ir.with_channel_view(t, m["channel_view"]) for t, m in zip(inputs, ir.loads(spec)["inputs"])]
         plan = backward._plan(spec, inputs, grads, [True] * len(inputs), "cuda")
         assert plan != "unsupported", name
         layout = {"loop": "looped"}.get(_layout(plan.kernel), _layout(plan.kernel))

@@ -100,7 +100,7 @@ import torch
 from .emit import chunked_statistics, needed_for, row_statistics
 from .kernel_cache import CACHE_SIZE, LRU, KernelCache
 from .ir import (DTYPES, OPS, TL_DTYPES, arg_expr, compute_dtype, dtype_name, loads, reduce_ndim, region_name,
-                 spec_hash, tanh_expr)
+                 spec_hash, tanh_expr, with_channel_view)
 
 TEMPLATE_VERSION = "1"
 MAX_SINGLE = {"float32": 8192, "float64": 4096}  # widest row one program holds in registers
@@ -499,7 +499,7 @@ class _Source:
 
         def statistics_pass() -> int:
             body = open_pass(pre_inputs)
-            self.forward(body, sorted(pre), stats=False)
+            self.forward(body, sorted(pre))
             return body
 
         chunked_statistics(w, ind, self.stats, arg_expr(x_arg), self.eps, CT, statistics_pass, self.stat_mask,
@@ -544,14 +544,14 @@ class _Source:
         else:
             self.w(ind, f"a{i} = tl.load(in{i}).to({CT})")
 
-    def forward(self, ind, nodes=None, stats=True):
+    def forward(self, ind, nodes=None):
         """The forward recomputed: every node (or those in `nodes`), rounded to its dtype, and
-        (unless the caller computed them) the norm's row statistics, with the single-pass
-        forward kernel's expressions."""
+        (unless the looped kernel computed them in passes of their own) the norm's row
+        statistics, with the single-pass forward kernel's expressions."""
         w = self.w
         for j in range(len(self.nodes)) if nodes is None else nodes:
             node = self.nodes[j]
-            if j == self.norm and self.stats and stats and not self.launch.looped:
+            if j == self.norm and self.stats and not self.launch.looped:
                 row_statistics(w, ind, self.stats, arg_expr(node["args"][0]), self.eps, self.stat_mask,
                                self.stat_count)
             expr = OPS[node["op"]].triton([arg_expr(a) for a in node["args"]], node["attrs"], self.launch.target)
@@ -743,7 +743,7 @@ def run_backward(spec_text: str, inputs: list[torch.Tensor], grads: list, needs:
         return _run(spec_text, inputs, grads, needs, config)
     # a BatchNorm vector (C,) is seen as (C, 1, ..., 1) (a per-row input), its gradient given back as (C,)
     shapes = [t.shape for t in inputs]
-    inputs = [t.reshape(tuple(t.shape) + (1,) * cv) if cv else t for t, cv in zip(inputs, channel_views)]
+    inputs = [with_channel_view(t, cv) for t, cv in zip(inputs, channel_views)]
     got = _run(spec_text, inputs, grads, needs, config)
     return None if got is None else [g if g is None or not cv else g.reshape(s)
                                      for g, cv, s in zip(got, channel_views, shapes)]

@@ -55,6 +55,11 @@ TL_DTYPES = {"float16": "tl.float16", "bfloat16": "tl.bfloat16", "float32": "tl.
              "float64": "tl.float64"}
 
 
+def with_channel_view(t: torch.Tensor, channel_view: int) -> torch.Tensor:
+    """`t` with its `channel_view` trailing unit dims (a per-channel input seen as (C, 1, 1))."""
+    return t.reshape(tuple(t.shape) + (1,) * channel_view) if channel_view else t
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     """The spec's name of a torch dtype: torch.bfloat16 -> "bfloat16"."""
     return str(dtype).replace("torch.", "")

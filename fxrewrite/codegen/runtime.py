@@ -38,7 +38,7 @@ from ..rewrite.effects import declare_pure
 from . import emit
 from .backward import run_backward
 from .kernel_cache import CACHE_SIZE, LRU, KernelCache
-from .ir import DTYPES, OPS, compute_dtype, dtype_name, loads, reduce_ndim, spec_hash
+from .ir import DTYPES, OPS, compute_dtype, dtype_name, loads, reduce_ndim, spec_hash, with_channel_view
 from .reference import fresh_outputs, run_reference
 
 # ---------------------------------------------------------------- where it runs
@@ -131,16 +131,11 @@ def _collapse_inner(sizes, strides):
     return dims[-1][1]
 
 
-def _channel_view(t: torch.Tensor, channel_view: int) -> torch.Tensor:
-    """`t` with its `channel_view` trailing unit dims (a per-channel input seen as (C, 1, 1))."""
-    return t.reshape(tuple(t.shape) + (1,) * channel_view) if channel_view else t
-
-
 def materialise(t: torch.Tensor, channel_view: int, domain) -> torch.Tensor:
     """A contiguous copy of `t` broadcast to `domain`, for an input whose inner dims cannot be
     walked with one stride. Its strides depend only on `domain`, so a cached launch stays valid
     when the copy is redone for each call's tensor."""
-    return _channel_view(t, channel_view).expand(domain).contiguous()
+    return with_channel_view(t, channel_view).expand(domain).contiguous()
 
 
 def plan(spec: dict, inputs: list[torch.Tensor]):
@@ -148,7 +143,7 @@ def plan(spec: dict, inputs: list[torch.Tensor]):
     strides, column stride), indices of the inputs that had to be materialised). Broadcast dims
     get stride 0; leading dims are coalesced where every input allows it, so the usual
     contiguous case has one leading dim."""
-    ts = [_channel_view(t, meta["channel_view"]) for t, meta in zip(inputs, spec["inputs"])]
+    ts = [with_channel_view(t, meta["channel_view"]) for t, meta in zip(inputs, spec["inputs"])]
     domain = tuple(torch.broadcast_shapes(*[t.shape for t in ts]))
     if not domain:
         domain = (1,)
